@@ -1,0 +1,5 @@
+"""Separators (masknets) for SpeechBrain's encoder/masknet/decoder triplet."""
+
+from umamba.models.umamba_net import MambaLayer, UBlock, UMambaMaskNet
+
+__all__ = ["MambaLayer", "UBlock", "UMambaMaskNet"]

@@ -1,0 +1,226 @@
+"""U-Mamba-Net masknet: U-Net blocks that each end in a Mamba "feature filter".
+
+The paper (Dang et al., APSIPA ASC 2024, arXiv 2412.18217) publishes no code. This module is a
+reconstruction that fits every published fact (see README, "Model"): SuDoRM-RF's improved
+U-ConvBlock with a pre-norm residual Mamba layer after each block.
+
+It is a SpeechBrain masknet: input the encoder output [B, N, L], output one mask per source
+[n_src, B, N, L], so it plugs into the encoder/masknet/decoder triplet of SpeechBrain's
+separation recipes next to ``Dual_Path_Model`` (SepFormer, DPRNN).
+
+Shapes (B batch, N encoder filters, F feature width, H U-Net width, L frames)::
+
+    [B, N, L] --gLN + 1x1 conv--> [B, F, L]
+      R x ( UBlock: [B, F, L] -> [B, F, L]   (residual U-Net, H channels inside, L, L/2, L/4, ...)
+            MambaLayer: [B, F, L] -> [B, F, L]   (x + Mamba(LayerNorm(x)), over time) )
+    --PReLU + 1x1 conv--> [B, n_src * N, L] --activation--> [n_src, B, N, L]
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from umamba.mamba import Mamba
+
+
+def global_layer_norm(channels: int) -> nn.GroupNorm:
+    """Global layer norm (gLN, Conv-TasNet): statistics over channels and time, affine per channel."""
+    return nn.GroupNorm(1, channels, eps=1e-8)
+
+
+class UBlock(nn.Module):
+    """SuDoRM-RF "improved" U-ConvBlock: a residual 1-D U-Net with additive skips.
+
+    ``depth`` depthwise convolutions (the first with stride 1, the others stride 2) go down;
+    each level is up-sampled by 2 and added to the level above it; a 1x1 convolution returns
+    to ``channels`` and the input is added back.
+
+    Arguments
+    ---------
+    channels : int
+        Input/output width ``F``.
+    hidden : int
+        Width inside the U-Net ``H``.
+    depth : int
+        Number of down-sampling levels (the first at stride 1), ``L`` in the paper.
+    kernel_size : int
+        Kernel of the depthwise convolutions.
+    upsampling : str
+        "nearest", "linear" or "transposed" (a learned depthwise transposed convolution).
+
+    Example
+    -------
+    >>> block = UBlock(channels=8, hidden=16, depth=3)
+    >>> block(torch.randn(2, 8, 13)).shape
+    torch.Size([2, 8, 13])
+    """
+
+    def __init__(self, channels=128, hidden=512, depth=4, kernel_size=5, upsampling="nearest"):
+        super().__init__()
+        if upsampling not in ("nearest", "linear", "transposed"):
+            raise ValueError(f"upsampling must be nearest, linear or transposed, got {upsampling!r}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.upsampling = upsampling
+        self.proj_in = nn.Sequential(nn.Conv1d(channels, hidden, 1), global_layer_norm(hidden), nn.PReLU())
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv1d(
+                    hidden,
+                    hidden,
+                    kernel_size,
+                    stride=1 if level == 0 else 2,
+                    padding=kernel_size // 2,
+                    groups=hidden,
+                ),
+                global_layer_norm(hidden),
+            )
+            for level in range(depth)
+        )
+        if upsampling == "transposed":
+            self.up = nn.ModuleList(
+                nn.ConvTranspose1d(hidden, hidden, 4, stride=2, padding=1, groups=hidden)
+                for _ in range(depth - 1)
+            )
+        self.proj_out = nn.Sequential(global_layer_norm(hidden), nn.PReLU(), nn.Conv1d(hidden, channels, 1))
+
+    def _upsample(self, x, level, length):
+        """Double the time resolution of ``x`` and crop it to ``length`` frames."""
+        if self.upsampling == "transposed":
+            x = self.up[level](x)
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode=self.upsampling)
+        return x[..., :length]
+
+    def forward(self, x):
+        """[B, F, L] -> [B, F, L]."""
+        levels = [self.down[0](self.proj_in(x))]  # [B, H, L]
+        for conv in self.down[1:]:
+            levels.append(conv(levels[-1]))  # [B, H, ceil(L / 2^k)]
+        out = levels.pop()
+        while levels:
+            skip = levels.pop()
+            out = skip + self._upsample(out, len(levels), skip.shape[-1])
+        return x + self.proj_out(out)
+
+
+class MambaLayer(nn.Module):
+    """Pre-norm residual Mamba over time on channel-first features: ``x + Mamba(LayerNorm(x))``.
+
+    Arguments
+    ---------
+    channels : int
+        Feature width ``F`` (Mamba's ``d_model``).
+    **mamba_kwargs
+        Passed to :class:`umamba.mamba.Mamba` (d_state, d_conv, expand, bidirectional, backend).
+
+    Example
+    -------
+    >>> layer = MambaLayer(8, d_state=4, backend="torch")
+    >>> layer(torch.randn(2, 8, 11)).shape
+    torch.Size([2, 8, 11])
+    """
+
+    def __init__(self, channels, **mamba_kwargs):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.mamba = Mamba(d_model=channels, **mamba_kwargs)
+
+    def forward(self, x):
+        """[B, F, L] -> [B, F, L]."""
+        h = x.transpose(1, 2)  # [B, L, F]
+        return x + self.mamba(self.norm(h)).transpose(1, 2)
+
+
+MASK_ACTIVATIONS = {
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda m: torch.softmax(m, dim=0),  # over sources
+    "linear": lambda m: m,
+}
+
+
+class UMambaMaskNet(nn.Module):
+    """U-Mamba-Net mask estimator for SpeechBrain's encoder/masknet/decoder triplet.
+
+    Arguments
+    ---------
+    in_channels : int
+        Encoder filters ``N`` (channels of the encoder output).
+    out_channels : int
+        Feature width ``F`` of the U-Mamba blocks (the paper's F; 128 by default).
+    hidden_channels : int
+        Width ``H`` inside each U-Net.
+    num_blocks : int
+        Number of U-Mamba blocks ``R``.
+    upsampling_depth : int
+        Levels of each U-Net (``L``; the first at stride 1).
+    kernel_size : int
+        Kernel of the U-Net's depthwise convolutions.
+    upsampling : str
+        "nearest", "linear" or "transposed".
+    num_spks : int
+        Number of sources ``n_src`` (one mask each).
+    use_mamba : bool
+        False removes every Mamba layer: the model is then SuDoRM-RF (the ablation baseline).
+    d_state, d_conv, expand, bidirectional, backend
+        Mamba settings, see :class:`umamba.mamba.Mamba`.
+    mask_activation : str
+        "relu", "sigmoid", "softmax" (over sources) or "linear".
+
+    Example
+    -------
+    >>> net = UMambaMaskNet(in_channels=16, out_channels=8, hidden_channels=16, num_blocks=2,
+    ...                     upsampling_depth=3, d_state=4, backend="torch")
+    >>> net(torch.randn(3, 16, 21)).shape
+    torch.Size([2, 3, 16, 21])
+    """
+
+    def __init__(
+        self,
+        in_channels=512,
+        out_channels=128,
+        hidden_channels=512,
+        num_blocks=8,
+        upsampling_depth=4,
+        kernel_size=5,
+        upsampling="nearest",
+        num_spks=2,
+        use_mamba=True,
+        d_state=16,
+        d_conv=4,
+        expand=2,
+        bidirectional=False,
+        backend="auto",
+        mask_activation="relu",
+    ):
+        super().__init__()
+        if mask_activation not in MASK_ACTIVATIONS:
+            raise ValueError(f"mask_activation must be one of {sorted(MASK_ACTIVATIONS)}, got {mask_activation!r}")
+        self.in_channels = in_channels
+        self.num_spks = num_spks
+        self.mask_activation = mask_activation
+        self.bottleneck = nn.Sequential(global_layer_norm(in_channels), nn.Conv1d(in_channels, out_channels, 1))
+        layers = []
+        for _ in range(num_blocks):
+            layers.append(UBlock(out_channels, hidden_channels, upsampling_depth, kernel_size, upsampling))
+            if use_mamba:
+                layers.append(
+                    MambaLayer(
+                        out_channels,
+                        d_state=d_state,
+                        d_conv=d_conv,
+                        expand=expand,
+                        bidirectional=bidirectional,
+                        backend=backend,
+                    )
+                )
+        self.blocks = nn.Sequential(*layers)
+        self.mask_head = nn.Sequential(nn.PReLU(), nn.Conv1d(out_channels, num_spks * in_channels, 1))
+
+    def forward(self, x):
+        """[B, N, L] encoder output -> [n_src, B, N, L] masks."""
+        batch, _, length = x.shape
+        h = self.blocks(self.bottleneck(x))  # [B, F, L]
+        masks = self.mask_head(h).view(batch, self.num_spks, self.in_channels, length)
+        return MASK_ACTIVATIONS[self.mask_activation](masks.transpose(0, 1))
