@@ -6,7 +6,8 @@ import torch.nn as nn
 from speechbrain.lobes.models.dual_path import Decoder, Encoder
 from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 
-from umamba.complexity import Separator, count_macs, load_separator
+from umamba.complexity import count_macs, load_separator
+from umamba.models import Separator
 from umamba.models import UBlock, UMambaMaskNet
 
 

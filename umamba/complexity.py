@@ -26,6 +26,7 @@ import yaml
 from hyperpyyaml import load_hyperpyyaml
 
 from umamba.mamba import Mamba
+from umamba.models.separator import Separator
 
 TRIPLET = ("Encoder", "MaskNet", "Decoder")
 
@@ -102,37 +103,6 @@ def count_macs(model: nn.Module, *inputs) -> int:
         for handle in handles:
             handle.remove()
     return total
-
-
-class Separator(nn.Module):
-    """Encoder -> masks -> decoder, as in SpeechBrain's separation recipes: [B, T] -> [B, T, n_src].
-
-    Example
-    -------
-    >>> from speechbrain.lobes.models.dual_path import Decoder, Encoder
-    >>> from umamba.models import UMambaMaskNet
-    >>> sep = Separator(Encoder(kernel_size=16, out_channels=16),
-    ...                 UMambaMaskNet(16, 8, 16, num_blocks=1, d_state=4, backend="torch"),
-    ...                 Decoder(in_channels=16, out_channels=1, kernel_size=16, stride=8, bias=False))
-    >>> sep(torch.randn(2, 1000)).shape
-    torch.Size([2, 1000, 2])
-    """
-
-    def __init__(self, encoder, masknet, decoder):
-        super().__init__()
-        self.encoder, self.masknet, self.decoder = encoder, masknet, decoder
-
-    def forward(self, mix):
-        mix_w = self.encoder(mix)  # [B, N, L]
-        masks = self.masknet(mix_w)  # [n_src, B, N, L]
-        sep_h = mix_w.unsqueeze(0) * masks
-        est = torch.stack([self.decoder(h) for h in sep_h], dim=-1)  # [B, T', n_src]
-        if est.dim() == 2:  # SpeechBrain's Decoder squeezes a batch of one
-            est = est.unsqueeze(0)
-        length = mix.shape[-1]
-        if est.shape[1] < length:
-            est = nn.functional.pad(est, (0, 0, 0, length - est.shape[1]))
-        return est[:, :length]
 
 
 def load_separator(hparams_file: str, overrides: dict | None = None) -> tuple[Separator, int]:
