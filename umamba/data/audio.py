@@ -67,7 +67,8 @@ def atomic_output(path: PathLike) -> Iterator[str]:
     Example
     -------
     >>> import tempfile
-    >>> target = os.path.join(tempfile.mkdtemp(), "sub", "notes.txt")
+    >>> tmp_dir = tempfile.TemporaryDirectory()
+    >>> target = os.path.join(tmp_dir.name, "sub", "notes.txt")
     >>> with atomic_output(target) as tmp:
     ...     with open(tmp, "w") as f:
     ...         _ = f.write("done")
@@ -75,6 +76,7 @@ def atomic_output(path: PathLike) -> Iterator[str]:
     'done'
     >>> os.listdir(os.path.dirname(target))
     ['notes.txt']
+    >>> tmp_dir.cleanup()
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
@@ -127,10 +129,12 @@ def audio_info(path: PathLike) -> AudioInfo:
     Example
     -------
     >>> import tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "a.wav")
+    >>> tmp_dir = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp_dir.name, "a.wav")
     >>> write_audio(path, np.zeros(8000), 16000)
     >>> audio_info(path)
     AudioInfo(frames=8000, sample_rate=16000, channels=1, duration=0.5)
+    >>> tmp_dir.cleanup()
     """
     path = os.fspath(path)
     with _open(path) as f:
@@ -168,10 +172,12 @@ def read_audio(
     Example
     -------
     >>> import tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "a.wav")
+    >>> tmp_dir = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp_dir.name, "a.wav")
     >>> write_audio(path, torch.full((4,), 0.5), 8000)
     >>> read_audio(path, sample_rate=8000)
     tensor([0.5000, 0.5000, 0.5000, 0.5000])
+    >>> tmp_dir.cleanup()
     """
     path = os.fspath(path)
     with _open(path) as f:
@@ -233,10 +239,12 @@ def write_audio(
     Example
     -------
     >>> import tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "new", "b.wav")
+    >>> tmp_dir = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp_dir.name, "new", "b.wav")
     >>> write_audio(path, np.array([0.0, 0.25, -0.25]), 8000, subtype="PCM_16")
     >>> audio_info(path).frames
     3
+    >>> tmp_dir.cleanup()
     """
     path = os.fspath(path)
     if isinstance(signal, torch.Tensor):
