@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from pesq import pesq
+from scipy.signal import resample_poly
 from speechbrain.nnet.losses import cal_si_snr
 
 from umamba.metrics import (
@@ -118,6 +120,20 @@ def test_pesq_clean_is_high_and_noise_lowers_it(sample_rate):
     assert pesq_score(clean, clean, sample_rate) > 4
     noisy = clean + 0.3 * clean.std() * torch.randn_like(clean)
     assert pesq_score(noisy, clean, sample_rate) < 3
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 16000, 11025])
+def test_pesq_mode_follows_the_sample_rate(sample_rate):
+    clean = speech_like(2, sample_rate, 120, 0)
+    noisy = clean + 0.3 * clean.std() * torch.randn_like(clean)
+    ref_np, est_np = clean.numpy(), noisy.numpy()
+    if sample_rate == 8000:
+        expected = pesq(8000, ref_np, est_np, "nb")
+    elif sample_rate == 16000:
+        expected = pesq(16000, ref_np, est_np, "wb")
+    else:  # 16000 / 11025 = 640 / 441
+        expected = pesq(16000, resample_poly(ref_np, 640, 441), resample_poly(est_np, 640, 441), "wb")
+    assert pesq_score(noisy, clean, sample_rate) == pytest.approx(expected)
 
 
 def test_stoi_in_unit_range_and_higher_for_cleaner_estimate():

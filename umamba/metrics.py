@@ -187,9 +187,8 @@ def pesq_score(est: torch.Tensor, ref: torch.Tensor, sample_rate: int) -> float:
     """
     est_np, ref_np = _to_numpy(est), _to_numpy(ref)
     if sample_rate not in PESQ_SAMPLE_RATE:
-        divisor = math.gcd(16000, sample_rate)
-        est_np = resample_poly(est_np, 16000 // divisor, sample_rate // divisor)
-        ref_np = resample_poly(ref_np, 16000 // divisor, sample_rate // divisor)
+        est_np = resample_poly(est_np, 16000, sample_rate)
+        ref_np = resample_poly(ref_np, 16000, sample_rate)
         sample_rate = 16000
     try:
         # pesq divides both signals by their joint peak: 0/0 for two silent signals
