@@ -90,10 +90,10 @@ def test_write_refuses_bad_input_and_keeps_old_file(tmp_path):
     path = tmp_path / "out.wav"
     write_audio(path, np.full(10, 0.25), 8000)
     before = path.read_bytes()
-    assert "NaN or infinite" in _error(write_audio, path, signal=np.array([0.0, np.inf]), sample_rate=8000)
+    assert "NaN or infinite" in _error(write_audio, path, signal=np.array([np.inf]), sample_rate=8)
     assert "1-D" in _error(write_audio, path, signal=np.zeros((2, 10)), sample_rate=8000)
-    assert "subtype" in _error(write_audio, path, signal=np.zeros(10), sample_rate=8000, subtype="NOPE")
-    assert "extension" in _error(write_audio, tmp_path / "out.xyz", signal=np.zeros(10), sample_rate=8000)
+    assert "subtype" in _error(write_audio, path, signal=np.zeros(9), sample_rate=8, subtype="NO")
+    assert "extension" in _error(write_audio, tmp_path / "a.xyz", signal=np.zeros(9), sample_rate=8)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["out.wav"]
 
