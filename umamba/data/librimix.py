@@ -196,7 +196,7 @@ def prepare_librimix(
     if skip_prep:
         return csv_paths
 
-    root = _find_root(data_folder, n_spks, sample_rate, mode)
+    root = find_root(data_folder, n_spks, sample_rate, mode)
     folders = [mix_folder] + source_folders
     if mixture_type != "mix_clean":
         folders.append(NOISE_FOLDER)
@@ -242,7 +242,7 @@ def prepare_librimix(
     return csv_paths
 
 
-def _find_root(data_folder: str, n_spks: int, sample_rate: int, mode: str) -> str:
+def find_root(data_folder: str, n_spks: int, sample_rate: int, mode: str) -> str:
     """The LibriMix folder: ``data_folder/Libri2Mix`` or ``data_folder`` itself."""
     if not os.path.isdir(data_folder):
         raise LibriMixNotFoundError(f"LibriMix data_folder '{data_folder}' does not exist")
