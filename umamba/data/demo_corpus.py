@@ -216,6 +216,7 @@ def synth_utterance(
     pause = rng.random(n_syl) < 0.15
     pause[0] = True
     durations[pause] = rng.uniform(0.05, 0.4, pause.sum())
+    durations[-1] = max(durations[-1], seconds - durations[:-1].sum() + 1.0)  # always cover n
     bounds = np.concatenate([[0.0], np.cumsum(durations)])
     syllable = np.searchsorted(bounds, time, side="right") - 1
     phase = (time - bounds[syllable]) / durations[syllable]
