@@ -243,7 +243,43 @@ def prepare_librimix(
 
 
 def find_root(data_folder: str, n_spks: int, sample_rate: int, mode: str) -> str:
-    """The LibriMix folder: ``data_folder/Libri2Mix`` or ``data_folder`` itself."""
+    """The LibriMix folder (what ``$data_root`` stands for in the CSVs).
+
+    Arguments
+    ---------
+    data_folder : str
+        The folder holding ``Libri2Mix`` or the ``Libri2Mix`` folder itself.
+    n_spks : int
+        Number of speakers (2: ``Libri2Mix``, 3: ``Libri3Mix``).
+    sample_rate : int
+        Selects ``wav8k`` or ``wav16k``.
+    mode : str
+        "min" or "max".
+
+    Returns
+    -------
+    str
+        ``data_folder`` if it holds ``wav8k/min`` (for 8 kHz, "min"),
+        else ``data_folder/Libri2Mix``.
+
+    Raises
+    ------
+    LibriMixNotFoundError
+        If neither holds it; the message lists the folders that do exist.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> tmp_dir = tempfile.TemporaryDirectory()
+    >>> os.makedirs(os.path.join(tmp_dir.name, "Libri2Mix", "wav8k", "min"))
+    >>> find_root(tmp_dir.name, 2, 8000, "min") == os.path.join(tmp_dir.name, "Libri2Mix")
+    True
+    >>> find_root(tmp_dir.name, 2, 16000, "min")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    umamba.data.librimix.LibriMixNotFoundError: No Libri2Mix/wav16k/min under ... wav8k)
+    >>> tmp_dir.cleanup()
+    """
     if not os.path.isdir(data_folder):
         raise LibriMixNotFoundError(f"LibriMix data_folder '{data_folder}' does not exist")
     if os.path.isdir(os.path.join(data_folder, rate_folder(sample_rate), mode)):
