@@ -1,0 +1,538 @@
+"""Selective scan on the CPU: numba kernels for the forward and the backward pass.
+
+Same function and arguments as ``mamba_ssm``'s ``selective_scan_fn`` (see ``umamba.mamba.scan``)::
+
+    delta' = softplus(delta + delta_bias)  (or delta + delta_bias without softplus)
+    h_t[d, n] = exp(delta'_t[d] * A[d, n]) * h_{t-1}[d, n] + delta'_t[d] * B_t[n] * u_t[d],   h_{-1} = 0
+    y_t[d]    = sum_n C_t[n] * h_t[d, n] + D[d] * u_t[d]
+    out       = y * silu(z)  (when z is given)
+
+Design
+------
+- Parallel over (batch, channel) rows, sequential over time, the state ``h[d_state]`` in a small
+  local array: the inner loop over ``d_state`` is what the compiler vectorises. ``B`` and ``C``
+  are read as (batch, L, d_state) so that this loop reads contiguous memory.
+- Time is cut into chunks of ``CHUNK`` steps. The per-step scalar work (softplus, silu and their
+  derivatives) runs over a whole chunk at once so that it vectorises too.
+- float32 uses a vectorisable ``exp`` and ``log1p`` (Cephes polynomials, about 1 ulp) instead of
+  the scalar libm calls; float64 (used for ``gradcheck``) keeps libm. Out-of-range arguments give
+  exactly 0 and inf, NaNs propagate: the kernels use fast-math contraction and reassociation but
+  never assume finite values.
+- Bounded memory in the backward: the forward stores the state only at the start of every
+  chunk, (batch, dim, ceil(L / CHUNK), d_state), a quarter of ``u``'s size for ``d_state = 16``
+  and ``CHUNK = 64``. The backward walks the chunks in reverse, recomputes the states of one
+  chunk (a ``CHUNK x d_state`` buffer that stays in L1 cache) and runs the adjoint recurrence
+  through it. Storing every state would cost ``d_state`` times the size of ``u``; recomputing
+  costs one more ``exp`` per element.
+- ``dB`` and ``dC`` are sums over channels. Each parallel task owns a contiguous group of
+  channels of one batch element and a private (L, d_state) accumulator; the groups are added up
+  afterwards. No two tasks write to the same memory, and for a fixed thread count the result is
+  deterministic.
+
+Authors
+ * U-Mamba-Net contributors
+"""
+
+import math
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import prange, types
+    from numba.extending import intrinsic, overload
+except ImportError:  # the dispatcher falls back to the pure PyTorch scan
+    numba = None
+    prange = range
+
+__all__ = ["CHUNK", "is_available", "selective_scan_cpu"]
+
+CHUNK = 64
+"""Time steps per chunk: the backward's checkpoint interval and the unit of vectorised work."""
+
+LANES = 16
+"""Channels computed together, one per vector lane (one AVX-512 vector of float32)."""
+
+# Contraction (FMA) and reassociation (vectorised sums over d_state); no "nnan"/"ninf", so that
+# comparisons with NaN and inf keep their meaning.
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+
+
+def is_available() -> bool:
+    """True when numba imports, so that :func:`selective_scan_cpu` can run.
+
+    Example
+    -------
+    >>> isinstance(is_available(), bool)
+    True
+    """
+    return numba is not None
+
+
+def _exp(x):
+    """``exp`` in the kernels: vectorisable polynomial for float32, libm for float64."""
+    return math.exp(x)
+
+
+def _log1p_unit(x):
+    """``log1p`` on [0, 1] in the kernels: vectorisable polynomial for float32, libm for float64."""
+    return math.log1p(x)
+
+
+if numba is not None:
+    _F32 = np.float32
+    # Cephes expf: exp(x) = 2**k * exp(r), |r| <= ln(2) / 2, ln(2) split in two for an exact r.
+    _LOG2E, _LN2_HI, _LN2_LO = _F32(1.4426950408889634), _F32(0.693359375), _F32(-2.12194440e-4)
+    _EXP_P = tuple(_F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                      4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+    # Below: under the smallest normal float32 (gives 0). Above: 2**k would need k = 128 (gives inf).
+    _EXP_MIN, _EXP_MAX = _F32(-87.33654), _F32(88.37626)
+    # Cephes logf on [sqrt(1/2), sqrt(2)].
+    _LOG_P = tuple(_F32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1,
+                                      -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
+                                      2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1))
+    _SQRT2 = _F32(1.4142135623730951)
+
+    @intrinsic
+    def _pow2_f32(typingctx, k):
+        """``2.0 ** k`` for an integral float32 ``k`` in [-126, 127], from its exponent bits."""
+
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            bits = builder.shl(
+                builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127)), ir.Constant(i32, 23)
+            )
+            return builder.bitcast(bits, ir.FloatType())
+
+        return types.float32(types.float32), codegen
+
+    @overload(_exp, jit_options={"fastmath": {"contract"}})
+    def _exp_overload(x):
+        if x != types.float32:
+            return lambda x: math.exp(x)
+        p0, p1, p2, p3, p4, p5 = _EXP_P
+
+        def exp_f32(x):
+            xc = min(max(x, _EXP_MIN), _EXP_MAX)
+            k = np.floor(xc * _LOG2E + _F32(0.5))
+            r = (xc - k * _LN2_HI) - k * _LN2_LO
+            p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+            e = (p * (r * r) + r + _F32(1.0)) * _pow2_f32(k)
+            if x < _EXP_MIN:
+                e = _F32(0.0)
+            if x > _EXP_MAX:
+                e = _F32(np.inf)
+            if x != x:
+                e = x
+            return e
+
+        return exp_f32
+
+    @overload(_log1p_unit, jit_options={"fastmath": {"contract"}})
+    def _log1p_unit_overload(x):
+        if x != types.float32:
+            return lambda x: math.log1p(x)
+        q0, q1, q2, q3, q4, q5, q6, q7, q8 = _LOG_P
+
+        def log1p_unit_f32(x):
+            w = _F32(1.0) + x
+            # log(w) = e * ln(2) + log(m), m in [sqrt(1/2), sqrt(2)]
+            big = w > _SQRT2
+            m = w * _F32(0.5) if big else w
+            e = _F32(1.0) if big else _F32(0.0)
+            f = m - _F32(1.0)
+            f2 = f * f
+            p = ((((((((q0 * f + q1) * f + q2) * f + q3) * f + q4) * f + q5) * f + q6) * f + q7) * f + q8)
+            log_w = f + (p * f * f2 - _F32(0.5) * f2 + e * _LN2_LO) + e * _LN2_HI
+            # log1p(x) = log(w) * x / (w - 1) corrects the rounding of 1 + x (Goldberg).
+            return x if w == _F32(1.0) else log_w * (x / (w - _F32(1.0)))
+
+        return log1p_unit_f32
+
+    def _jit(function):
+        return numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)(function)
+
+    def _jit_inline(function):
+        return numba.njit(fastmath=_FASTMATH, cache=True, inline="always")(function)
+
+else:
+
+    def _jit(function):
+        return function
+
+    _jit_inline = _jit
+
+
+@_jit_inline
+def _sigmoid(x, e, one):
+    """``sigmoid(x)`` from ``e = exp(-|x|)`` without overflow; ``one`` is 1 in the dtype of ``x``."""
+    r = one / (one + e)
+    return r if x >= 0 else e * r
+
+
+@_jit_inline
+def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, r_u, r_dt, r_dtu, r_sig, r_gate, r_dgate):
+    """Per-step scalars of one chunk for a block of channels, as (lane, step) tiles.
+
+    ``r_u``: u; ``r_dt``: delta'; ``r_dtu``: delta' * u; ``r_sig``: d delta' / d delta;
+    ``r_gate``: silu(z) (1 without z); ``r_dgate``: silu'(z) (0 without z).
+    """
+    zero, one = u.dtype.type(0), u.dtype.type(1)
+    steps = min(CHUNK, u.shape[2] - l0)
+    for v in range(min(LANES, u.shape[1] - d0)):
+        d = d0 + v
+        bias_d = bias[d]
+        u_row, delta_row, z_row = u[b, d, l0:l0 + steps], delta[b, d, l0:l0 + steps], z[b, d, l0:l0 + steps]
+        o_u, o_dt, o_dtu, o_sig = r_u[v], r_dt[v], r_dtu[v], r_sig[v]
+        for j in range(steps):
+            x = delta_row[j] + bias_d
+            if softplus:
+                # softplus(x) = max(x, 0) + log1p(exp(-|x|)); its derivative is sigmoid(x)
+                e = _exp(-abs(x))
+                dt = max(x, zero) + _log1p_unit(e)
+                o_sig[j] = _sigmoid(x, e, one)
+            else:
+                dt = x
+                o_sig[j] = one
+            o_u[j] = u_row[j]
+            o_dt[j] = dt
+            o_dtu[j] = dt * u_row[j]
+        o_gate, o_dgate = r_gate[v], r_dgate[v]
+        if has_z:
+            for j in range(steps):
+                zj = z_row[j]
+                s = _sigmoid(zj, _exp(-abs(zj)), one)
+                o_gate[j] = zj * s
+                o_dgate[j] = s * (one + zj * (one - s))
+        else:
+            o_gate[:steps] = one
+            o_dgate[:steps] = zero
+
+
+@_jit_inline
+def _transpose_into(rows, cols, steps):
+    """``cols[:steps] = rows[:, :steps].T`` for a (LANES, CHUNK) and a (CHUNK, LANES) tile."""
+    for j in range(steps):
+        for v in range(LANES):
+            cols[j, v] = rows[v, j]
+
+
+@_jit_inline
+def _block_columns(x, d0):
+    """``x[d0:d0 + LANES].T`` of a (dim, k) array as a (k, LANES) array, zero past the last channel."""
+    cols = np.zeros((x.shape[1], LANES), dtype=x.dtype)
+    for v in range(min(LANES, x.shape[0] - d0)):
+        cols[:, v] = x[d0 + v]
+    return cols
+
+
+@_jit
+def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, out, states):
+    """Writes the scan into ``out``, and each chunk's initial state into ``states`` unless its chunk axis is empty.
+
+    Shapes: u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, N, L); D, bias (dim,);
+    states (batch, n_blocks, n_chunks or 0, N, LANES) with n_blocks = ceil(dim / LANES).
+    Zero lanes past the last channel keep a zero state.
+    """
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    n_blocks = (dim + LANES - 1) // LANES
+    n_chunks = (length + CHUNK - 1) // CHUNK
+    save = states.shape[2] > 0
+    zero = u.dtype.type(0)
+    for task in prange(batch * n_blocks):
+        b, blk = task // n_blocks, task % n_blocks
+        d0 = blk * LANES
+        a_cols = _block_columns(A, d0)
+        h = np.zeros((d_state, LANES), dtype=u.dtype)
+        r_u = np.zeros((LANES, CHUNK), dtype=u.dtype)
+        r_dt, r_dtu, r_sig = np.zeros_like(r_u), np.zeros_like(r_u), np.zeros_like(r_u)
+        r_gate, r_dgate = np.zeros_like(r_u), np.zeros_like(r_u)
+        c_dt = np.zeros((CHUNK, LANES), dtype=u.dtype)
+        c_dtu, c_y = np.zeros_like(c_dt), np.zeros_like(c_dt)
+        for c in range(n_chunks):
+            l0 = c * CHUNK
+            steps = min(CHUNK, length - l0)
+            if save:
+                states[b, blk, c] = h
+            _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, r_u, r_dt, r_dtu, r_sig, r_gate, r_dgate)
+            _transpose_into(r_dt, c_dt, steps)
+            _transpose_into(r_dtu, c_dtu, steps)
+            for j in range(steps):
+                c_y[j] = zero
+                for n in range(d_state):
+                    b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
+                    for v in range(LANES):
+                        h_v = _exp(c_dt[j, v] * a_cols[n, v]) * h[n, v] + c_dtu[j, v] * b_n
+                        h[n, v] = h_v
+                        c_y[j, v] += c_n * h_v
+            for v in range(min(LANES, dim - d0)):
+                D_d = D[d0 + v]
+                out_row = out[b, d0 + v, l0:l0 + steps]
+                for j in range(steps):
+                    out_row[j] = (c_y[j, v] + D_d * r_u[v, j]) * r_gate[v, j]
+
+
+@_jit
+def _backward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, states, dout,
+                     du, ddelta, dz, dA, dD, dbias, dB, dC):
+    """Gradients of the scan, from the chunk states that :func:`_forward_kernel` saved.
+
+    Writes du, ddelta, dz (batch, dim, L; dz only with ``has_z``); dA (batch, dim, N); dD, dbias (batch, dim); and adds
+    into dB, dC (batch, n_groups, N, L), one zeroed accumulator per group of channel blocks.
+    The caller sums the batch and group axes.
+    """
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    n_blocks = (dim + LANES - 1) // LANES
+    n_chunks = (length + CHUNK - 1) // CHUNK
+    n_groups = dB.shape[1]
+    zero = u.dtype.type(0)
+    for task in prange(batch * n_groups):
+        b, group = task // n_groups, task % n_groups
+        dB_acc, dC_acc = dB[b, group], dC[b, group]
+        r_u = np.zeros((LANES, CHUNK), dtype=u.dtype)
+        r_dt, r_dtu, r_sig = np.zeros_like(r_u), np.zeros_like(r_u), np.zeros_like(r_u)
+        r_gate, r_dgate, r_dy = np.zeros_like(r_u), np.zeros_like(r_u), np.zeros_like(r_u)
+        c_dt = np.zeros((CHUNK, LANES), dtype=u.dtype)
+        c_dtu, c_y, c_dy = np.zeros_like(c_dt), np.zeros_like(c_dt), np.zeros_like(c_dt)
+        c_du, c_ddt = np.zeros_like(c_dt), np.zeros_like(c_dt)
+        h_prev = np.zeros((CHUNK, d_state, LANES), dtype=u.dtype)
+        decay = np.zeros_like(h_prev)
+        h = np.zeros((d_state, LANES), dtype=u.dtype)
+        g = np.zeros_like(h)
+        dA_chunk, dA_total = np.zeros_like(h), np.zeros_like(h)
+        g_B, g_A = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
+        for blk in range(group * n_blocks // n_groups, (group + 1) * n_blocks // n_groups):
+            d0 = blk * LANES
+            n_lanes = min(LANES, dim - d0)
+            a_cols = _block_columns(A, d0)
+            g[:] = zero
+            dA_total[:] = zero
+            for v in range(n_lanes):
+                dD[b, d0 + v] = zero
+                dbias[b, d0 + v] = zero
+            for c in range(n_chunks - 1, -1, -1):
+                l0 = c * CHUNK
+                steps = min(CHUNK, length - l0)
+                _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, r_u, r_dt, r_dtu, r_sig, r_gate, r_dgate)
+                _transpose_into(r_dt, c_dt, steps)
+                _transpose_into(r_dtu, c_dtu, steps)
+                # Recompute the chunk's states from its checkpoint, keeping h_{t-1} and the decays.
+                h[:] = states[b, blk, c]
+                for j in range(steps):
+                    c_y[j] = zero
+                    for n in range(d_state):
+                        b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
+                        for v in range(LANES):
+                            a_v = _exp(c_dt[j, v] * a_cols[n, v])
+                            h_prev[j, n, v] = h[n, v]
+                            decay[j, n, v] = a_v
+                            h_v = a_v * h[n, v] + c_dtu[j, v] * b_n
+                            h[n, v] = h_v
+                            c_y[j, v] += c_n * h_v
+                # Output gate: out = (y + D u) * silu(z).
+                for v in range(n_lanes):
+                    dout_row = dout[b, d0 + v, l0:l0 + steps]
+                    for j in range(steps):
+                        r_dy[v, j] = dout_row[j] * r_gate[v, j]
+                    if has_z:
+                        D_d = D[d0 + v]
+                        dz_row = dz[b, d0 + v, l0:l0 + steps]
+                        for j in range(steps):
+                            dz_row[j] = dout_row[j] * (c_y[j, v] + D_d * r_u[v, j]) * r_dgate[v, j]
+                _transpose_into(r_dy, c_dy, steps)
+                # Adjoint recurrence, backwards in time; g holds decay_{t+1} * dL/dh_{t+1} on entry.
+                dA_chunk[:] = zero
+                for j in range(steps - 1, -1, -1):
+                    g_B[:] = zero
+                    g_A[:] = zero
+                    for n in range(d_state):
+                        b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
+                        s_B = zero
+                        s_C = zero
+                        for v in range(LANES):
+                            a_v, hp_v = decay[j, n, v], h_prev[j, n, v]
+                            g_v = c_dy[j, v] * c_n + g[n, v]  # dL/dh_t
+                            s_C += c_dy[j, v] * (a_v * hp_v + c_dtu[j, v] * b_n)
+                            s_B += g_v * c_dtu[j, v]
+                            g_B[v] += g_v * b_n
+                            q_v = g_v * hp_v * a_v  # dL/d decay_t * decay_t
+                            g_A[v] += q_v * a_cols[n, v]
+                            dA_chunk[n, v] += q_v * c_dt[j, v]
+                            g[n, v] = g_v * a_v
+                        dB_acc[n, l0 + j] += s_B
+                        dC_acc[n, l0 + j] += s_C
+                    for v in range(LANES):
+                        c_du[j, v] = g_B[v] * c_dt[j, v]
+                        c_ddt[j, v] = g_A[v] + g_B[v] * r_u[v, j]
+                dA_total += dA_chunk
+                for v in range(n_lanes):
+                    d = d0 + v
+                    D_d = D[d]
+                    du_row, ddelta_row = du[b, d, l0:l0 + steps], ddelta[b, d, l0:l0 + steps]
+                    dD_chunk = zero
+                    dbias_chunk = zero
+                    for j in range(steps):
+                        du_row[j] = c_du[j, v] + r_dy[v, j] * D_d
+                        ddelta_row[j] = c_ddt[j, v] * r_sig[v, j]
+                        dD_chunk += r_dy[v, j] * r_u[v, j]
+                        dbias_chunk += ddelta_row[j]
+                    dD[b, d] += dD_chunk
+                    dbias[b, d] += dbias_chunk
+            for v in range(n_lanes):
+                dA[b, d0 + v] = dA_total[:, v]
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy view of a CPU tensor (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _use_torch_threads() -> int:
+    """Runs numba on as many threads as torch (never more than numba started), and returns that number."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """Autograd wrapper of the kernels; arguments already checked and in one dtype."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        batch, dim, length = u.shape
+        d_state = A.shape[1]
+        zeros = torch.zeros(dim, dtype=u.dtype)
+        n_blocks = -(-dim // LANES)
+        n_saved = -(-length // CHUNK) if any(ctx.needs_input_grad) else 0
+        states = torch.empty(batch, n_blocks, n_saved, d_state, LANES, dtype=u.dtype)
+        out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        _use_torch_threads()
+        _forward_kernel(
+            _array(u), _array(delta), _array(A), _array(B), _array(C),
+            _array(zeros if D is None else D), _array(u if z is None else z),
+            _array(zeros if delta_bias is None else delta_bias), bool(delta_softplus), z is not None,
+            out.numpy(), states.numpy(),
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus = bool(delta_softplus)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        batch, dim, length = u.shape
+        d_state = A.shape[1]
+        zeros = torch.zeros(dim, dtype=u.dtype)
+        n_groups = min(_use_torch_threads(), -(-dim // LANES))
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
+        dA = u.new_empty(batch, dim, d_state)
+        dD, dbias = u.new_empty(batch, dim), u.new_empty(batch, dim)
+        dB, dC = u.new_zeros(batch, n_groups, d_state, length), u.new_zeros(batch, n_groups, d_state, length)
+        _backward_kernel(
+            _array(u), _array(delta), _array(A), _array(B), _array(C),
+            _array(zeros if D is None else D), _array(u if z is None else z),
+            _array(zeros if delta_bias is None else delta_bias), ctx.delta_softplus, z is not None,
+            states.numpy(), _array(dout),
+            du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(), dB.numpy(), dC.numpy(),
+        )
+        return (
+            du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1),
+            None if D is None else dD.sum(0),
+            None if z is None else dz,
+            None if delta_bias is None else dbias.sum(0),
+            None,
+        )
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """Raises a ValueError naming the argument whose device, dtype or shape does not fit."""
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"selective_scan_cpu: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device.type != "cpu":
+            raise ValueError(f"selective_scan_cpu: {name} is on {tensor.device}; this backend needs CPU tensors")
+        if not tensor.is_floating_point():
+            raise ValueError(f"selective_scan_cpu: {name} must be real floating point, got {tensor.dtype}")
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan_cpu: u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan_cpu: A must be (dim, d_state) with dim = {dim}, got shape {tuple(A.shape)}")
+    d_state = A.shape[1]
+    expected = {
+        "delta": (batch, dim, length), "B": (batch, d_state, length), "C": (batch, d_state, length),
+        "D": (dim,), "z": (batch, dim, length), "delta_bias": (dim,),
+    }
+    for name, shape in expected.items():
+        tensor = named[name]
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"selective_scan_cpu: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def selective_scan_cpu(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor = None,
+    z: torch.Tensor = None,
+    delta_bias: torch.Tensor = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Selective scan on CPU tensors with numba kernels; differentiable in every tensor argument.
+
+    Computes the same function as ``mamba_ssm``'s ``selective_scan_fn`` (module docstring) in
+    float64 when ``u`` is float64 and in float32 otherwise. Memory: the output, plus (when a
+    gradient is needed) the state every ``CHUNK`` steps, a quarter of ``u`` for d_state = 16.
+
+    Arguments
+    ---------
+    u : torch.Tensor
+        Input, (batch, dim, L).
+    delta : torch.Tensor
+        Step sizes before bias and softplus, (batch, dim, L).
+    A : torch.Tensor
+        State matrix (diagonal, real, normally negative), (dim, d_state).
+    B : torch.Tensor
+        Input projection per step, (batch, d_state, L).
+    C : torch.Tensor
+        Output projection per step, (batch, d_state, L).
+    D : torch.Tensor, optional
+        Skip connection, (dim,).
+    z : torch.Tensor, optional
+        Gate, (batch, dim, L): the output is multiplied by ``silu(z)``.
+    delta_bias : torch.Tensor, optional
+        Added to ``delta``, (dim,).
+    delta_softplus : bool
+        Apply softplus to ``delta + delta_bias``.
+
+    Returns
+    -------
+    torch.Tensor
+        (batch, dim, L), in the dtype of ``u``.
+
+    Example
+    -------
+    >>> u = torch.randn(2, 4, 10, requires_grad=True); delta = torch.rand(2, 4, 10)
+    >>> A = -torch.rand(4, 3); B = torch.randn(2, 3, 10); C = torch.randn(2, 3, 10)
+    >>> y = selective_scan_cpu(u, delta, A, B, C, D=torch.ones(4), delta_softplus=True)
+    >>> y.shape
+    torch.Size([2, 4, 10])
+    >>> y.sum().backward(); u.grad.shape
+    torch.Size([2, 4, 10])
+    """
+    if not is_available():
+        raise RuntimeError("selective_scan_cpu needs numba; install it or use the 'torch' scan backend")
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    tensors = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    return _SelectiveScan.apply(*tensors, delta_softplus).to(u.dtype)
