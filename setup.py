@@ -24,6 +24,7 @@ setup(
         "soundfile>=0.12",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "pillow>=10",
         "pesq>=0.0.4",
         "pystoi>=0.4",
         "fast-bss-eval>=0.1.4",
