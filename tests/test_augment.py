@@ -132,6 +132,37 @@ def test_one_room_per_mixture(tmp_path):
     assert set(used) == {0, 1}  # rooms differ across the batch
 
 
+def test_direct_path_targets_are_aligned_with_the_reverberant_sources(tmp_path):
+    taps = np.arange(7) - DIRECT - 0.3  # a direct sound 0.3 sample after DIRECT: a truncated sinc
+    direct = np.sinc(taps)[:, None] * np.array([[1.0, 0.8]])
+    tail = np.zeros_like(direct)
+    tail[DIRECT + 1 :] = 0.3 * decaying_rir(5)[DIRECT + 1 :]
+    for i, rir in enumerate([direct, direct + tail]):
+        csv_path = write_rir_csv(tmp_path, [rir.astype(np.float32)], name=f"rirs{i}.csv")
+        sf.write(tmp_path / "room0_direct.wav", direct.astype(np.float32), SR, subtype="FLOAT")
+        targets = torch.randn(2, 300, 2)
+        mix, _, batch = make_batch(targets)
+        augment = SeparationAugment(SR, rir_csv=csv_path, rir_replacements={"rir_root": str(tmp_path)},
+                                    direct_path_targets=True)
+        new_mix, new_targets = augment(mix, targets, batch)
+        for b in range(2):
+            for k in range(2):
+                dry = targets[b, :, k].numpy().astype(np.float64)
+                np.testing.assert_allclose(new_targets[b, :, k].numpy(), reference_reverb(dry, direct[:, k]),
+                                           atol=1e-4)
+        expected = sum(reference_reverb(targets[0, :, k].numpy().astype(np.float64), rir[:, k]) for k in range(2))
+        np.testing.assert_allclose(new_mix[0].numpy(), expected, atol=1e-4)
+        if i == 0:  # a room without reflections: the mixture is exactly the sum of the targets ...
+            torch.testing.assert_close(new_mix, new_targets.sum(-1), atol=1e-5, rtol=1e-5)
+            assert (new_targets - targets).abs().max() > 0.1  # ... which are not the dry sources
+    (tmp_path / "room0_direct.wav").unlink()
+    with pytest.raises(AudioError, match="room0_direct.wav"):
+        SeparationAugment(SR, rir_csv=csv_path, rir_replacements={"rir_root": str(tmp_path)},
+                          direct_path_targets=True)
+    with pytest.raises(ValueError, match="not both"):
+        SeparationAugment(SR, rir_csv=csv_path, reverberant_targets=True, direct_path_targets=True)
+
+
 def peak_frequency(signal):
     spectrum = np.abs(np.fft.rfft(signal * np.hanning(signal.size)))
     return np.argmax(spectrum) * SR / signal.size
