@@ -14,6 +14,7 @@ completes an interrupted build. See ``umamba/data/rir.py`` and recipes/README.md
 
 import argparse
 import logging
+import sys
 
 from umamba.data.rir import make_rir_bank
 
@@ -30,14 +31,17 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=None, help="processes (default: all CPUs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    csvs = make_rir_bank(
-        args.out,
-        n_rooms=args.n_rooms,
-        sample_rates=args.sample_rates,
-        n_src=args.n_src,
-        seed=args.seed,
-        jobs=args.jobs,
-    )
+    try:
+        csvs = make_rir_bank(
+            args.out,
+            n_rooms=args.n_rooms,
+            sample_rates=args.sample_rates,
+            n_src=args.n_src,
+            seed=args.seed,
+            jobs=args.jobs,
+        )
+    except (OSError, ValueError) as err:  # bad input: the message names the file
+        sys.exit(f"error: {err}")
     for sample_rate, path in csvs.items():
         print(f"{sample_rate} Hz: {path}")
 

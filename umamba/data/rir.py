@@ -14,8 +14,8 @@ at different positions, drawn like WHAMR!'s rooms:
 The RIRs are simulated by pyroomacoustics' hybrid method: image sources up to
 order :data:`ISM_ORDER` (3) for the early reflections and ray tracing for the
 late tail, without air absorption. It takes 0.05-0.5 s per room and sample
-rate and under 250 MB of memory, where the full image-source model takes up to
-1.6 s and 1 GB at T60 = 1 s for the same T60 accuracy (pyroomacoustics'
+rate and about 10 MB of memory, where the full image-source model takes up to
+1.6 s and 1 GB at T60 = 1 s, for no better T60 accuracy (pyroomacoustics'
 high-pass filter at 10 Hz is kept). Shoebox rooms decay more slowly than
 Sabine's formula predicts: the measured T60 (Schroeder backward integration,
 T30 extrapolated to 60 dB) is close to the target up to ~0.5 s and grows to
