@@ -105,7 +105,6 @@ def test_direct_path_is_the_one_of_pyroomacoustics():
         reference = reference[start : start + DIRECT_LENGTH]
         # pyroomacoustics interpolates its sinc from a table and high-passes at 10 Hz
         np.testing.assert_allclose(direct[k], reference, atol=0.01)
-        assert np.abs(direct[k] - reference).max() < 0.01
 
 
 def test_direct_path_aligned_with_reverberant_rir():
