@@ -225,7 +225,9 @@ class UMambaSeparation(Pretrained):
     def iter_separate_file(
         self, path: str, chunk_seconds: float = 10.0, overlap_seconds: float = 1.0
     ) -> Iterator[torch.Tensor]:
-        """Separates an audio file chunk by chunk, yielding the result as it is finished.
+        """Separates an audio file chunk by chunk: an iterator over the result as it is finished.
+
+        The file is checked when this is called; it is read and separated as the iterator is consumed.
 
         Arguments
         ---------
@@ -237,15 +239,16 @@ class UMambaSeparation(Pretrained):
         overlap_seconds : float
             Minimum overlap of consecutive chunks (where their sources are matched and cross-faded).
 
-        Yields
-        ------
-        torch.Tensor
+        Returns
+        -------
+        iterator of torch.Tensor
             Consecutive blocks of estimates ``[n, n_src]`` at the model's sample rate, on the CPU.
 
         Raises
         ------
         umamba.data.audio.AudioError
-            If the file is missing, empty, unreadable, too short, or has NaN/infinite samples.
+            If the file is missing, empty, unreadable or too short; while iterating, if a chunk has
+            NaN or infinite samples.
         """
         sample_rate = self.hparams.sample_rate
         chunk, overlap = round(chunk_seconds * sample_rate), round(overlap_seconds * sample_rate)
@@ -254,10 +257,11 @@ class UMambaSeparation(Pretrained):
                 f"Need chunk_seconds >= {self.MIN_SECONDS} and 0 < overlap_seconds < chunk_seconds, got "
                 f"{chunk_seconds} and {overlap_seconds}"
             )
-        path = os.fspath(path)
-        reader = _MixtureReader(path, sample_rate, self.MIN_SECONDS)
+        reader = _MixtureReader(os.fspath(path), sample_rate, self.MIN_SECONDS)  # bad files fail here, at once
+        return self._separate_chunks(reader, chunk_bounds(reader.num_samples, chunk, overlap))
+
+    def _separate_chunks(self, reader: _MixtureReader, bounds: list) -> Iterator[torch.Tensor]:
         with contextlib.closing(reader):
-            bounds = chunk_bounds(reader.num_samples, chunk, overlap)
             chunks = (self.separate_batch(reader.read(start, end)[None])[0].cpu() for start, end in bounds)
             yield from stitch_chunks(chunks, bounds)
 
