@@ -91,7 +91,7 @@ def test_write_refuses_bad_input_and_keeps_old_file(tmp_path):
     write_audio(path, np.full(10, 0.25), 8000)
     before = path.read_bytes()
     assert "NaN or infinite" in _error(write_audio, path, signal=np.array([np.inf]), sample_rate=8)
-    assert "1-D" in _error(write_audio, path, signal=np.zeros((2, 10)), sample_rate=8000)
+    assert "[time, channels]" in _error(write_audio, path, signal=np.zeros((2, 10, 1)), sample_rate=8000)
     assert "subtype" in _error(write_audio, path, signal=np.zeros(9), sample_rate=8, subtype="NO")
     assert "extension" in _error(write_audio, tmp_path / "a.xyz", signal=np.zeros(9), sample_rate=8)
     assert path.read_bytes() == before

@@ -115,10 +115,16 @@ def test_idempotent_and_rewritten_when_options_or_metadata_change(corpus_copy, t
     os.utime(path, ns=(first - 10**9, first - 10**9))  # so that a rewrite is visible
     assert prepare_librimix(str(corpus_copy), save, splits=["dev"])["dev"] == path
     assert os.stat(path).st_mtime_ns == first - 10**9
-    # a changed option writes the same CSV again, differently
-    prepare_librimix(str(corpus_copy), save, splits=["dev"], source_folders=["s2", "s1"])
+    # a changed option that keeps the CSV name writes the same CSV again, differently
+    prepare_librimix(str(corpus_copy), save, splits=["dev"], noise_folder="s2")
     assert os.stat(path).st_mtime_ns != first - 10**9
-    assert "/s2/" in _read_csv(path)[0]["s1_wav"]
+    assert "/s2/" in _read_csv(path)[0]["noise_wav"]
+    # other targets get a CSV of their own, named after them (no overwriting)
+    swapped = prepare_librimix(str(corpus_copy), save, splits=["dev"], source_folders=["s2", "s1"])["dev"]
+    assert os.path.basename(swapped) == "dev_mix_both-s2-s1_8000_min.csv"
+    assert "/s2/" in _read_csv(swapped)[0]["s1_wav"]
+    os.remove(swapped)
+    os.remove(swapped + ".json")
     # a touched metadata file rewrites it too
     prepare_librimix(str(corpus_copy), save, splits=["dev"])
     os.utime(path, ns=(first - 10**9, first - 10**9))

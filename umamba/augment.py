@@ -31,8 +31,8 @@ from speechbrain.augment.time_domain import AddNoise, SpeedPerturb
 from speechbrain.processing.signal_processing import compute_amplitude, convolve1d, rescale
 from tqdm import tqdm
 
-from umamba.data.audio import AudioError, audio_info
-from umamba.data.dynamic_mixing import load_csv, read_channels
+from umamba.data.audio import AudioError, audio_info, read_channels
+from umamba.data.dynamic_mixing import load_csv
 
 # Above this energy ratio (-30 dB) a mixture holds more than the sum of its sources.
 _RESIDUAL_LIMIT = 1e-3

@@ -141,6 +141,59 @@ def audio_info(path: PathLike) -> AudioInfo:
         return AudioInfo(f.frames, f.samplerate, f.channels, f.frames / f.samplerate)
 
 
+def read_channels(path: PathLike, sample_rate: Optional[int] = None) -> torch.Tensor:
+    """Reads every channel of an audio file (multichannel RIRs, stereo noise) as float32.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        The audio file.
+    sample_rate : int, optional
+        The sample rate the file must have; no check when None. Files are
+        never resampled silently.
+
+    Returns
+    -------
+    torch.Tensor
+        The samples, shape [time, channels].
+
+    Raises
+    ------
+    AudioError
+        If the file is missing, empty, unreadable or corrupt, has no samples,
+        the wrong sample rate, or NaN or infinite samples.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> tmp_dir = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp_dir.name, "stereo.wav")
+    >>> write_audio(path, np.array([[0.5, -0.5], [0.25, 0.0]]), 8000)
+    >>> read_channels(path, sample_rate=8000)
+    tensor([[ 0.5000, -0.5000],
+            [ 0.2500,  0.0000]])
+    >>> tmp_dir.cleanup()
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        if sample_rate is not None and f.samplerate != sample_rate:
+            raise AudioError(
+                f"Cannot read audio '{path}': wrong sample rate, expected "
+                f"{sample_rate} Hz but found {f.samplerate} Hz"
+            )
+        try:
+            data = f.read(dtype="float32", always_2d=True)
+        except sf.SoundFileRuntimeError as err:
+            raise AudioError(
+                f"Cannot read audio '{path}': corrupt sample data ({err})"
+            ) from err
+    if data.shape[0] == 0:
+        raise AudioError(f"Cannot read audio '{path}': the file has no samples (0 frames)")
+    if not np.isfinite(data).all():
+        raise AudioError(f"Cannot read audio '{path}': it contains NaN or infinite samples")
+    return torch.from_numpy(data)
+
+
 def read_audio(
     path: PathLike, sample_rate: Optional[int] = None, downmix: bool = False
 ) -> torch.Tensor:
@@ -180,33 +233,19 @@ def read_audio(
     >>> tmp_dir.cleanup()
     """
     path = os.fspath(path)
-    with _open(path) as f:
-        if sample_rate is not None and f.samplerate != sample_rate:
-            raise AudioError(
-                f"Cannot read audio '{path}': wrong sample rate, expected "
-                f"{sample_rate} Hz but found {f.samplerate} Hz"
-            )
-        if f.channels > 1 and not downmix:
-            raise AudioError(
-                f"Cannot read audio '{path}': expected mono but found "
-                f"{f.channels} channels (pass downmix=True to average them)"
-            )
-        try:
-            data = f.read(dtype="float32", always_2d=True)
-        except sf.SoundFileRuntimeError as err:
-            raise AudioError(
-                f"Cannot read audio '{path}': corrupt sample data ({err})"
-            ) from err
-    if data.shape[0] == 0:
-        raise AudioError(f"Cannot read audio '{path}': the file has no samples (0 frames)")
-    if not np.isfinite(data).all():
-        raise AudioError(f"Cannot read audio '{path}': it contains NaN or infinite samples")
+    channels = audio_info(path).channels
+    if channels > 1 and not downmix:
+        raise AudioError(
+            f"Cannot read audio '{path}': expected mono but found "
+            f"{channels} channels (pass downmix=True to average them)"
+        )
+    data = read_channels(path, sample_rate)
     if data.shape[1] > 1:
         if path not in _DOWNMIX_WARNED:
             _DOWNMIX_WARNED.add(path)
             logger.warning("Averaging the %d channels of '%s' to mono", data.shape[1], path)
-        return torch.from_numpy(data.mean(axis=1, dtype=np.float32))
-    return torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+        return data.mean(dim=1)
+    return data[:, 0].contiguous()
 
 
 def write_audio(
@@ -215,7 +254,7 @@ def write_audio(
     sample_rate: int,
     subtype: str = "FLOAT",
 ) -> None:
-    """Writes a mono signal atomically, creating the parent folders.
+    """Writes a signal atomically, creating the parent folders.
 
     The format follows the extension of ``path`` (``.wav``, ``.flac``, ...).
 
@@ -224,7 +263,7 @@ def write_audio(
     path : str or os.PathLike
         The file to write; replaced if it exists.
     signal : torch.Tensor or numpy.ndarray
-        The samples, shape [time].
+        The samples, shape [time] (mono) or [time, channels].
     sample_rate : int
         The sample rate in Hz.
     subtype : str
@@ -233,7 +272,7 @@ def write_audio(
     Raises
     ------
     AudioError
-        If the signal is not 1-D or not finite, the sample rate is not a
+        If the signal is not 1-D/2-D or not finite, the sample rate is not a
         positive integer, or the extension and subtype are not a known format.
 
     Example
@@ -250,9 +289,9 @@ def write_audio(
     if isinstance(signal, torch.Tensor):
         signal = signal.detach().cpu().numpy()
     signal = np.asarray(signal)
-    if signal.ndim != 1:
+    if signal.ndim not in (1, 2):
         raise AudioError(
-            f"Cannot write audio '{path}': expected a 1-D signal, got shape {signal.shape}"
+            f"Cannot write audio '{path}': expected [time] or [time, channels], got shape {signal.shape}"
         )
     if not np.isfinite(signal).all():
         raise AudioError(f"Cannot write audio '{path}': the signal has NaN or infinite samples")

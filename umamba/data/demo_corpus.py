@@ -361,7 +361,7 @@ def _noise(
     return babble + pink + 3.0 * _transients(n, sample_rate, rng)
 
 
-def _set_loudness(meter: pyloudnorm.Meter, signal: np.ndarray, target: float) -> np.ndarray:
+def set_loudness(meter: pyloudnorm.Meter, signal: np.ndarray, target: float) -> np.ndarray:
     """Scales ``signal`` to ``target`` LUFS (RMS dBFS when too short for pyloudnorm)."""
     try:
         level = meter.integrated_loudness(signal)
@@ -504,9 +504,9 @@ def make_demo_corpus(
                 sources.append(speak(speaker, seconds * rng.uniform(0.8, 1.2), sample_rate, rng))
             length = (min if mode == "min" else max)(source.size for source in sources)
             sources = [np.pad(s[:length], (0, length - min(s.size, length))) for s in sources]
-            sources = [_set_loudness(meter, s, rng.uniform(*SPEECH_LUFS)) for s in sources]
+            sources = [set_loudness(meter, s, rng.uniform(*SPEECH_LUFS)) for s in sources]
             noise = _noise(babble_pool, length, sample_rate, rng)
-            noise = _set_loudness(meter, noise, rng.uniform(*NOISE_LUFS))
+            noise = set_loudness(meter, noise, rng.uniform(*NOISE_LUFS))
             peak = max(
                 np.abs(sources[0] + sources[1]).max(),
                 np.abs(sources[0] + sources[1] + noise).max(),

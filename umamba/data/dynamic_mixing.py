@@ -24,14 +24,13 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyloudnorm
-import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 from speechbrain.dataio.dataio import load_data_csv
 
-from umamba.data.audio import AudioError, PathLike, audio_info, read_audio
+from umamba.data.audio import PathLike, audio_info, read_audio, read_channels
 from umamba.data.datasets import source_keys
-from umamba.data.demo_corpus import _set_loudness
+from umamba.data.demo_corpus import set_loudness
 
 SPEECH_LUFS = (-33.0, -25.0)
 NOISE_LUFS = (-38.0, -30.0)
@@ -61,55 +60,6 @@ class MixturePlan(NamedTuple):
     noise_lufs: float
 
 
-def read_channels(path: PathLike, sample_rate: Optional[int] = None) -> torch.Tensor:
-    """Reads every channel of an audio file (multichannel RIRs, stereo WHAM! noise).
-
-    Arguments
-    ---------
-    path : str or os.PathLike
-        The audio file.
-    sample_rate : int, optional
-        The sample rate the file must have; no check when None.
-
-    Returns
-    -------
-    torch.Tensor
-        The samples, shape [time, channels], float32.
-
-    Raises
-    ------
-    AudioError
-        If the file is missing, unreadable, empty, wrongly sampled or not finite.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> tmp_dir = tempfile.TemporaryDirectory()
-    >>> path = os.path.join(tmp_dir.name, "stereo.wav")
-    >>> sf.write(path, np.array([[0.5, -0.5], [0.25, 0.0]]), 8000, subtype="FLOAT")
-    >>> read_channels(path, sample_rate=8000)
-    tensor([[ 0.5000, -0.5000],
-            [ 0.2500,  0.0000]])
-    >>> tmp_dir.cleanup()
-    """
-    path = os.fspath(path)
-    info = audio_info(path)  # names the file when it is missing, empty or corrupt
-    if sample_rate is not None and info.sample_rate != sample_rate:
-        raise AudioError(
-            f"Cannot read audio '{path}': wrong sample rate, expected {sample_rate} Hz "
-            f"but found {info.sample_rate} Hz"
-        )
-    try:
-        data, _ = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError) as err:
-        raise AudioError(f"Cannot read audio '{path}': corrupt sample data ({err})") from err
-    if data.shape[0] == 0:
-        raise AudioError(f"Cannot read audio '{path}': the file has no samples (0 frames)")
-    if not np.isfinite(data).all():
-        raise AudioError(f"Cannot read audio '{path}': it contains NaN or infinite samples")
-    return torch.from_numpy(data)
-
-
 def librispeech_utterances(root: PathLike, splits: Sequence[str]) -> List[Utterance]:
     """The utterances of LibriSpeech splits: ``<root>/<split>/<spk>/<chapter>/<spk>-<chapter>-<idx>.flac``.
 
@@ -133,10 +83,11 @@ def librispeech_utterances(root: PathLike, splits: Sequence[str]) -> List[Uttera
     Example
     -------
     >>> import tempfile
+    >>> from umamba.data.audio import write_audio
     >>> tmp_dir = tempfile.TemporaryDirectory()
     >>> path = os.path.join(tmp_dir.name, "dev-clean", "84", "121123", "84-121123-0000.flac")
     >>> os.makedirs(os.path.dirname(path))
-    >>> sf.write(path, np.zeros(800), 8000)
+    >>> write_audio(path, np.zeros(800), 8000, subtype="PCM_16")
     >>> [u[:2] for u in librispeech_utterances(tmp_dir.name, ["dev-clean"])]
     [('84-121123-0000', '84')]
     >>> tmp_dir.cleanup()
@@ -242,8 +193,9 @@ def audio_files(folder: PathLike) -> List[str]:
     Example
     -------
     >>> import tempfile
+    >>> from umamba.data.audio import write_audio
     >>> tmp_dir = tempfile.TemporaryDirectory()
-    >>> sf.write(os.path.join(tmp_dir.name, "n.wav"), np.zeros(80), 8000)
+    >>> write_audio(os.path.join(tmp_dir.name, "n.wav"), np.zeros(80), 8000)
     >>> [os.path.basename(p) for p in audio_files(tmp_dir.name)]
     ['n.wav']
     >>> tmp_dir.cleanup()
@@ -321,12 +273,13 @@ class DynamicMixingDataset(torch.utils.data.Dataset):
     Example
     -------
     >>> import tempfile
+    >>> from umamba.data.audio import write_audio
     >>> from speechbrain.dataio.batch import PaddedBatch
     >>> tmp_dir = tempfile.TemporaryDirectory()
     >>> speech = []
     >>> for speaker in ("19", "26", "32"):
     ...     path = os.path.join(tmp_dir.name, f"{speaker}.wav")
-    ...     sf.write(path, np.random.default_rng(int(speaker)).standard_normal(8000) * 0.1, 8000)
+    ...     write_audio(path, np.random.default_rng(int(speaker)).standard_normal(8000) * 0.1, 8000)
     ...     speech.append(Utterance(f"{speaker}-1-0000", speaker, path))
     >>> dataset = DynamicMixingDataset(speech, None, 8000, segment_seconds=0.5, mixtures_per_epoch=4)
     >>> dataset.set_epoch(1)
@@ -418,12 +371,12 @@ class DynamicMixingDataset(torch.utils.data.Dataset):
         """``id``, ``mix_sig``, ``s1_sig`` .. ``sN_sig`` (and ``noise_sig``), float32 [segment]."""
         plan = self.plan(index)
         sources = [
-            _set_loudness(self.meter, self._speech_window(u.path, offset), lufs)
+            set_loudness(self.meter, self._speech_window(u.path, offset), lufs)
             for u, offset, lufs in zip(plan.utterances, plan.speech_offsets, plan.speech_lufs)
         ]
         mix = np.sum(sources, axis=0)
         if plan.noise is not None:
-            noise = _set_loudness(self.meter, self._noise_window(plan.noise, plan.noise_offset), plan.noise_lufs)
+            noise = set_loudness(self.meter, self._noise_window(plan.noise, plan.noise_offset), plan.noise_lufs)
             mix = mix + noise
         gain = min(1.0, self.max_peak / max(float(np.abs(mix).max()), 1e-12))
         item = {"id": "_".join(u.utterance_id for u in plan.utterances), "mix_sig": _tensor(gain * mix)}

@@ -111,6 +111,7 @@ def prepare_librimix(
     n_spks: int = 2,
     mix_folder: Optional[str] = None,
     source_folders: Optional[Sequence[str]] = None,
+    noise_folder: str = NOISE_FOLDER,
     skip_prep: bool = False,
 ) -> Dict[str, str]:
     """Writes one SpeechBrain CSV per split of LibriMix.
@@ -144,7 +145,12 @@ def prepare_librimix(
         The folder of the mixtures in each split (default: ``mixture_type``),
         e.g. "mix_both_reverb" for reverberant copies of the mixtures.
     source_folders : sequence of str, optional
-        The folders of the targets (default: "s1", "s2"[, "s3"]).
+        The folders of the targets (default: "s1", "s2"[, "s3"]). Other
+        folders are named in the CSV file name, so that CSVs of different
+        targets (e.g. anechoic and reverberant) do not overwrite each other.
+    noise_folder : str
+        The folder of the noise in each split (e.g. "noise_reverb" for the
+        noise as mixed into the reverberant mixtures).
     skip_prep : bool
         If True, only return the CSV paths.
 
@@ -189,17 +195,16 @@ def prepare_librimix(
     source_folders = list(source_folders)
     if len(source_folders) != n_spks:
         raise ValueError(f"{n_spks} source folders expected, got {source_folders}")
-    csv_paths = {
-        split: os.path.join(save_folder, f"{split}_{mix_folder}_{sample_rate}_{mode}.csv")
-        for split in splits
-    }
+    default_sources = [f"s{i + 1}" for i in range(n_spks)]
+    tag = mix_folder if source_folders == default_sources else "-".join([mix_folder] + source_folders)
+    csv_paths = {split: os.path.join(save_folder, f"{split}_{tag}_{sample_rate}_{mode}.csv") for split in splits}
     if skip_prep:
         return csv_paths
 
     root = find_root(data_folder, n_spks, sample_rate, mode)
     folders = [mix_folder] + source_folders
     if mixture_type != "mix_clean":
-        folders.append(NOISE_FOLDER)
+        folders.append(noise_folder)
     columns = ["mix_wav"] + [f"s{i + 1}_wav" for i in range(n_spks)]
     if mixture_type != "mix_clean":
         columns.append("noise_wav")
@@ -225,7 +230,7 @@ def prepare_librimix(
         if os.path.isfile(csv_path) and read_json(sidecar) == options:
             logger.info("%s is up to date, skipping the preparation", csv_path)
             continue
-        rows = _read_metadata(metadata)
+        rows = read_metadata(metadata)
         rel_folder = "/".join([rate_folder(sample_rate), mode, split])
         table = []
         for mixture_id, length in tqdm(rows, desc=f"Checking {split}", dynamic_ncols=True):
@@ -309,7 +314,7 @@ def _check_folder(data_folder: str, root: str, parts: List[str]) -> None:
     raise LibriMixNotFoundError(f"No {wanted} under '{data_folder}' ({holds})")
 
 
-def _read_metadata(metadata: str) -> List[tuple]:
+def read_metadata(metadata: str) -> List[tuple]:
     """Reads (mixture_ID, length) pairs from a LibriMix metadata CSV, columns by name."""
     with open(metadata, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)

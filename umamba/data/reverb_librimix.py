@@ -48,7 +48,7 @@ from umamba.data.librimix import (
     METADATA_COLUMNS,
     NOISE_FOLDER,
     LibriMixNotFoundError,
-    _read_metadata,
+    read_metadata,
     find_root,
     metadata_path,
     rate_folder,
@@ -223,7 +223,7 @@ def make_reverb_librimix(
         metadata = metadata_path(root, sample_rate, mode, split, "mix_both")
         if not os.path.isfile(metadata):
             raise LibriMixNotFoundError(f"Metadata file '{metadata}' not found")
-        mixtures = _read_metadata(metadata)
+        mixtures = read_metadata(metadata)
         folder = os.path.join(base, split)
         marker = os.path.join(base, "metadata", f"reverb_{split}.json")
         if read_json(marker) != settings:

@@ -51,11 +51,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 import numpy as np
 import pyroomacoustics as pra
-import soundfile as sf
 from tqdm import tqdm
 
 from speechbrain.utils.logger import get_logger
-from umamba.data.audio import AudioError, PathLike, atomic_output, audio_info
+from umamba.data.audio import AudioError, PathLike, audio_info, read_channels, write_audio
 from umamba.data.librimix import read_json, write_csv, write_json
 
 logger = get_logger(__name__)
@@ -317,15 +316,10 @@ def write_rir(path: PathLike, rirs: np.ndarray, sample_rate: int) -> None:
     [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     >>> tmp_dir.cleanup()
     """
-    path = os.fspath(path)
     rirs = np.asarray(rirs, dtype=np.float32)
-    if rirs.ndim != 2 or not np.isfinite(rirs).all():
-        raise AudioError(
-            f"Cannot write RIRs '{path}': expected finite samples [n_src, time], "
-            f"got shape {rirs.shape}"
-        )
-    with atomic_output(path) as tmp:
-        sf.write(tmp, rirs.T, sample_rate, subtype="FLOAT", format="WAV")
+    if rirs.ndim != 2:
+        raise AudioError(f"Cannot write RIRs '{os.fspath(path)}': expected [n_src, time], got shape {rirs.shape}")
+    write_audio(path, rirs.T, sample_rate)
 
 
 def read_rir(path: PathLike, sample_rate: Optional[int] = None) -> np.ndarray:
@@ -340,18 +334,7 @@ def read_rir(path: PathLike, sample_rate: Optional[int] = None) -> np.ndarray:
     -------
     See :func:`write_rir`.
     """
-    path = os.fspath(path)
-    found = audio_info(path).sample_rate
-    if sample_rate is not None and found != sample_rate:
-        raise AudioError(
-            f"Cannot read RIRs '{path}': wrong sample rate, expected {sample_rate} Hz "
-            f"but found {found} Hz"
-        )
-    try:
-        data, _ = sf.read(path, dtype="float32", always_2d=True)
-    except sf.SoundFileRuntimeError as err:
-        raise AudioError(f"Cannot read RIRs '{path}': corrupt sample data ({err})") from err
-    return np.ascontiguousarray(data.T)
+    return read_channels(path, sample_rate).numpy().T.copy()
 
 
 def rir_paths(out_folder: str, room: str, sample_rate: int) -> Tuple[str, str]:
