@@ -20,7 +20,7 @@ import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
 
 from umamba.brain import Separation
-from umamba.recipe import make_datasets, prepare_data
+from umamba.recipe import make_augmentation, make_datasets, prepare_data
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
@@ -33,8 +33,9 @@ if __name__ == "__main__":
         overrides=overrides,
     )
 
-    data = prepare_data(hparams)  # Libri2Mix CSVs, or the synthetic demo corpus when no data_folder
+    data = prepare_data(hparams)  # Libri2Mix (+ reverberation) CSVs, or the synthetic demo corpus
     train_data, valid_data, test_data = make_datasets(hparams, data)
+    hparams["augmentation"] = make_augmentation(hparams, data)  # on-the-fly reverb, speed, noise
 
     separator = Separation(
         modules=hparams["modules"],

@@ -45,9 +45,10 @@ class Separation(sb.Brain):
         batch = batch.to(self.device)
         mix, _ = batch.mix_sig
         targets = torch.stack([getattr(batch, f"{k}_sig").data for k in source_keys(self.hparams.num_spks)], dim=-1)
-        if stage == sb.Stage.TRAIN and hasattr(self.hparams, "augmentation"):
+        augmentation = getattr(self.hparams, "augmentation", None)
+        if stage == sb.Stage.TRAIN and augmentation is not None:
             with torch.no_grad():
-                mix, targets = self.hparams.augmentation(mix, targets, batch)
+                mix, targets = augmentation(mix, targets, batch)
         est = separate(self.modules.encoder, self.modules.masknet, self.modules.decoder, mix)
         return est, targets, mix
 
@@ -121,7 +122,14 @@ class Separation(sb.Brain):
                                 title=utt_id)
                 self.saved_examples += 1
 
+    def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
+        if stage == sb.Stage.TRAIN:
+            self.train_dataset = dataset  # dynamic mixing draws new mixtures each epoch
+        return super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
+
     def on_stage_start(self, stage, epoch=None):
+        if stage == sb.Stage.TRAIN and hasattr(getattr(self, "train_dataset", None), "set_epoch"):
+            self.train_dataset.set_epoch(epoch)
         self.test_report = None
         if stage == sb.Stage.TEST and sb.utils.distributed.if_main_process():
             results_dir = self.hparams.test_results_folder
