@@ -102,6 +102,13 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert log.count("epoch: 1,") == 1 and log.count("epoch: 2,") == 1, log
 
 
+def test_training_budget_stops_after_the_epoch_that_spends_it(tmp_path):
+    run_train(tmp_path, "--demo_N_epochs", "5", "--train_budget_minutes", "0.0001",
+              "--compute_pesq", "False", "--compute_stoi", "False")
+    log = (tmp_path / "out" / "train_log.txt").read_text()
+    assert "epoch: 1," in log and "epoch: 2," not in log  # stopped after the first epoch of 5
+
+
 def test_test_only_evaluates_without_training(tmp_path):
     out = tmp_path / "out"
     run_train(tmp_path, "--demo_N_epochs", "1", "--compute_pesq", "False", "--compute_stoi", "False")

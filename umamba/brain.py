@@ -7,6 +7,7 @@ One Brain serves U-Mamba-Net, SuDoRM-RF, SepFormer, DPRNN and Conv-TasNet: the y
 
 import logging
 import os
+import time
 
 import speechbrain as sb
 import torch
@@ -39,6 +40,7 @@ class Separation(sb.Brain):
         super().on_fit_start()
         self.skipped_batches = 0
         self.consecutive_skips = 0
+        self.fit_start_time = time.monotonic()
 
     def compute_forward(self, batch, stage):
         """Returns (estimates [B, T, n_src], targets [B, T, n_src], mixture [B, T])."""
@@ -122,6 +124,19 @@ class Separation(sb.Brain):
                                 title=utt_id)
                 self.saved_examples += 1
 
+    def _stop_when_over_budget(self, epoch):
+        """Make this the last epoch once ``train_budget_minutes`` of this run have passed."""
+        budget = getattr(self.hparams, "train_budget_minutes", 0)
+        if not budget:
+            return
+        elapsed = torch.tensor((time.monotonic() - self.fit_start_time) / 60, dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)  # every rank stops together
+        elapsed = elapsed.item()
+        if elapsed >= budget:
+            logger.info("Training budget of %g min used (%.1f min): stopping after epoch %d", budget, elapsed, epoch)
+            self.hparams.epoch_counter.limit = epoch
+
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
         if stage == sb.Stage.TRAIN:
             self.train_dataset = dataset  # dynamic mixing draws new mixtures each epoch
@@ -151,6 +166,7 @@ class Separation(sb.Brain):
                 stats_meta={"epoch": epoch, "lr": current_lr}, train_stats=self.train_stats, valid_stats=stats
             )
             self.checkpointer.save_and_keep_only(meta={"neg_si_snr": stage_loss}, min_keys=["neg_si_snr"])
+            self._stop_when_over_budget(epoch)
         elif stage == sb.Stage.TEST and self.test_report is not None:
             summary = self.test_report.close()
             self.hparams.train_logger.log_stats(
