@@ -86,6 +86,8 @@ def prepare_data(hparams: dict) -> PreparedData:
         skip_prep=hparams["skip_prep"],
     )
     dry = dict(common, splits=splits)
+    # The dry Libri2Mix first: it checks every folder and file before anything long is built.
+    run_on_main(prepare_librimix, kwargs=dry)
     rir_csv = rir_folder = None
     if hparams["reverb"]:
         rir_folder = hparams["rir_folder"] or os.path.join(data_folder, "rir_bank")
@@ -105,14 +107,13 @@ def prepare_data(hparams: dict) -> PreparedData:
             source_folders=[f"{k}_{suffix}" for k in source_keys(hparams["num_spks"])],
             noise_folder="noise_reverb",
         )
+        run_on_main(prepare_librimix, kwargs=evaluated)
     else:
         evaluated = dry
-    run_on_main(prepare_librimix, kwargs=evaluated)
     csvs = prepare_librimix(**{**evaluated, "skip_prep": True})
     train_csv = csvs[hparams["train_split"]]
     if hparams["on_the_fly_reverb"] or hparams["dynamic_mixing"]:
         # Training starts from the dry mixtures; reverberation is added to each batch.
-        run_on_main(prepare_librimix, kwargs=dry)
         train_csv = prepare_librimix(**{**dry, "skip_prep": True})[hparams["train_split"]]
     return PreparedData(csvs=csvs, data_root=root, synthetic=synthetic, train_csv=train_csv,
                         rir_csv=rir_csv, rir_folder=rir_folder)
