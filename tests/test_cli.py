@@ -61,6 +61,7 @@ def test_bad_files_are_reported_by_name_and_the_good_one_is_separated(model_dir,
     }
     bad["empty"].write_bytes(b"")
     bad["truncated"].write_bytes(good.read_bytes()[:30])  # cut inside the header
+    # NaN samples and zero frames: files write_audio refuses to write, written with soundfile.
     late_nan = _signal(2.0, 1)
     late_nan[14000] = np.nan  # after the first chunks were already separated and written
     sf.write(bad["nan"], late_nan, 8000, subtype="FLOAT")

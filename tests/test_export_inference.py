@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import yaml
 from hyperpyyaml import load_hyperpyyaml
@@ -218,7 +217,7 @@ def test_other_sample_rates_are_resampled_exactly_chunk_by_chunk(model, tmp_path
 
 def test_stereo_input_is_averaged_with_a_warning(model, tmp_path, caplog):
     left, right = _mixture(1.5, seed=1), _mixture(1.5, seed=2)[::-1].copy()
-    sf.write(tmp_path / "stereo.wav", np.stack([left, right], 1), 8000, subtype="FLOAT")
+    write_audio(tmp_path / "stereo.wav", np.stack([left, right], 1), 8000)
     write_audio(tmp_path / "mono.wav", (left + right) / 2, 8000)
     with caplog.at_level("WARNING"):
         est = model.separate_file(str(tmp_path / "stereo.wav"))

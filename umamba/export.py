@@ -310,17 +310,7 @@ def _model_card(run_dir: str, checkpoint: Checkpoint, hparams: dict, choice: str
         lines.append(f"- validation SI-SNR: {-float(checkpoint.meta[CHECKPOINT_KEY]):.2f} dB")
     lines.append("")
 
-    lines += ["## Training data", ""]
-    if synthetic:
-        demo = ", ".join(f"{k} {doc[k]}" for k in ("demo_n_train", "demo_n_valid", "demo_n_test", "demo_seconds",
-                                                    "demo_voices") if k in doc)
-        lines.append(f"SYNTHETIC demo corpus ({demo}).")
-    else:
-        rate = f"wav{int(sample_rate) // 1000}k"
-        lines.append(
-            f"Libri{num_spks}Mix, {rate}/{doc.get('librimix_mode')}, {doc.get('mixture_type')}: training on "
-            f"{doc.get('train_split')}, validation on {doc.get('valid_split')}, test on {doc.get('test_split')}."
-        )
+    lines += ["## Training data", "", *_data_description(doc, sample_rate, num_spks, synthetic)]
     lines += ["", "## Training configuration", "", "| setting | value |", "|---|---|"]
     epochs_key = "demo_N_epochs" if synthetic else "N_epochs"  # the demo run replaces N_epochs
     lines += [f"| {key} | {doc[key]} |" for key in (epochs_key, *_TRAINING_KEYS) if key in doc]
@@ -338,6 +328,29 @@ def _model_card(run_dir: str, checkpoint: Checkpoint, hparams: dict, choice: str
     else:
         lines.append("No test results: the run has no `test_results/summary.csv`.")
     return "\n".join(lines) + "\n"
+
+
+def _data_description(doc, sample_rate: int, num_spks: int, synthetic: bool) -> list:
+    """Model card lines on the training data: corpus, condition (noise, reverberation), augmentation."""
+    condition = str(doc.get("mixture_type"))
+    if doc.get("reverb"):
+        condition += f" with simulated reverberation, {doc.get('reverb_targets', 'anechoic')} targets"
+    if synthetic:
+        demo = ", ".join(f"{k} {doc[k]}" for k in ("demo_n_train", "demo_n_valid", "demo_n_test", "demo_seconds",
+                                                    "demo_voices") if k in doc)
+        lines = [f"SYNTHETIC demo corpus in the Libri{num_spks}Mix layout ({demo}); condition: {condition}."]
+    else:
+        lines = [
+            f"Libri{num_spks}Mix wav{int(sample_rate) // 1000}k/{doc.get('librimix_mode')}, {condition}: training on "
+            f"{doc.get('train_split')}, validation on {doc.get('valid_split')}, test on {doc.get('test_split')}."
+        ]
+    augmentation = [name for key, name in (("on_the_fly_reverb", "reverberation on the fly"),
+                                           ("dynamic_mixing", "dynamic mixing")) if doc.get(key)]
+    if doc.get("speed_perturb"):
+        augmentation.append(f"speed perturbation {list(doc['speed_perturb'])} %")
+    if augmentation:
+        lines += ["", f"Training augmentation: {', '.join(augmentation)}."]
+    return lines
 
 
 def export_model(run_dir: str, model_dir: str, ckpt: str = "best", overwrite: bool = False) -> Checkpoint:
