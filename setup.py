@@ -19,6 +19,7 @@ setup(
         "torchaudio>=2.7.1",
         "speechbrain>=1.1.2",
         "hyperpyyaml>=1.2",
+        "ruamel.yaml>=0.17",
         "numpy>=1.26",
         "scipy>=1.11",
         "soundfile>=0.12",
