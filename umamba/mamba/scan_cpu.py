@@ -55,9 +55,16 @@ CHUNK = 64
 LANES = 16
 """Channels computed together, one per vector lane (one AVX-512 vector of float32)."""
 
-# Contraction (FMA) and reassociation (vectorised sums over d_state); no "nnan"/"ninf", so that
-# comparisons with NaN and inf keep their meaning.
-_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+SEGMENT = 8
+"""Chunks that the backward pass reads and writes in one go, in time order."""
+
+# Kernels: contraction (FMA) and reassociation (vectorised sums); no "nnan"/"ninf", so that
+# comparisons with NaN and inf keep their meaning. The numpy error model: a division by zero
+# gives inf instead of raising, so that loops with divisions have no exits and vectorise.
+_KERNEL_OPTIONS = {"fastmath": {"contract", "reassoc", "nsz", "arcp"}, "error_model": "numpy"}
+# exp and log1p: no reassociation, which would undo the two-part ln(2) of the range reduction;
+# always inlined, so that the loops calling them vectorise.
+_HELPER_OPTIONS = {"fastmath": {"contract"}, "error_model": "numpy", "forceinline": True}
 
 
 def is_available() -> bool:
@@ -108,7 +115,7 @@ if numba is not None:
 
         return types.float32(types.float32), codegen
 
-    @overload(_exp, jit_options={"fastmath": {"contract"}})
+    @overload(_exp, jit_options=_HELPER_OPTIONS)
     def _exp_overload(x):
         if x != types.float32:
             return lambda x: math.exp(x)
@@ -130,7 +137,7 @@ if numba is not None:
 
         return exp_f32
 
-    @overload(_log1p_unit, jit_options={"fastmath": {"contract"}})
+    @overload(_log1p_unit, jit_options=_HELPER_OPTIONS)
     def _log1p_unit_overload(x):
         if x != types.float32:
             return lambda x: math.log1p(x)
@@ -152,10 +159,10 @@ if numba is not None:
         return log1p_unit_f32
 
     def _jit(function):
-        return numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)(function)
+        return numba.njit(parallel=True, cache=True, **_KERNEL_OPTIONS)(function)
 
     def _jit_inline(function):
-        return numba.njit(fastmath=_FASTMATH, cache=True, inline="always")(function)
+        return numba.njit(cache=True, inline="always", **_KERNEL_OPTIONS)(function)
 
 else:
 
@@ -163,6 +170,23 @@ else:
         return function
 
     _jit_inline = _jit
+
+
+# Slots of the per-task scratch arrays. Numba does not tell LLVM that two local arrays never
+# overlap, so the vectoriser adds a run-time check per pair of arrays that a loop writes and
+# reads, and gives up past 8. Each hot loop therefore touches at most three arrays, whose slots
+# sit at constant distances (every dimension but the first is a constant). The kernels index
+# arrays element by element and take no views inside loops: a view costs two atomic reference
+# count updates, which also stop the loop from being vectorised.
+# rows (chunks, _N_ROWS, LANES, CHUNK): per channel along time, for one or SEGMENT chunks.
+_U, _DT, _DTU, _SIG, _GATE, _DGATE, _DY, _GB, _GA = range(9)
+_N_ROWS = 9
+# cols (CHUNK, _N_COLS, LANES): per step across channels.
+_C_DT, _C_DTU, _C_Y, _C_DY, _C_GB, _C_GA = range(6)
+_N_COLS = 6
+# state (d_state, _N_STATE, LANES): h, dL/dh carried backwards, A, dA of the chunk, dA in total.
+_H, _G, _A, _DA, _DA_SUM = range(5)
+_N_STATE = 5
 
 
 @_jit_inline
@@ -173,59 +197,63 @@ def _sigmoid(x, e, one):
 
 
 @_jit_inline
-def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, r_u, r_dt, r_dtu, r_sig, r_gate, r_dgate):
-    """Per-step scalars of one chunk for a block of channels, as (lane, step) tiles.
-
-    ``r_u``: u; ``r_dt``: delta'; ``r_dtu``: delta' * u; ``r_sig``: d delta' / d delta;
-    ``r_gate``: silu(z) (1 without z); ``r_dgate``: silu'(z) (0 without z).
-    """
+def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
+    """Fills ``rows[k]``'s slots _U, _DT (delta'), _DTU (delta' * u), _SIG (d delta' / d delta),
+    _GATE (silu(z), or 1) and _DGATE (silu'(z), or 0) for the chunk at ``l0`` of channels ``d0:``."""
     zero, one = u.dtype.type(0), u.dtype.type(1)
     steps = min(CHUNK, u.shape[2] - l0)
     for v in range(min(LANES, u.shape[1] - d0)):
         d = d0 + v
         bias_d = bias[d]
-        u_row, delta_row, z_row = u[b, d, l0:l0 + steps], delta[b, d, l0:l0 + steps], z[b, d, l0:l0 + steps]
-        o_u, o_dt, o_dtu, o_sig = r_u[v], r_dt[v], r_dtu[v], r_sig[v]
         for j in range(steps):
-            x = delta_row[j] + bias_d
+            x = delta[b, d, l0 + j] + bias_d
             if softplus:
                 # softplus(x) = max(x, 0) + log1p(exp(-|x|)); its derivative is sigmoid(x)
                 e = _exp(-abs(x))
                 dt = max(x, zero) + _log1p_unit(e)
-                o_sig[j] = _sigmoid(x, e, one)
+                rows[k, _SIG, v, j] = _sigmoid(x, e, one)
             else:
                 dt = x
-                o_sig[j] = one
-            o_u[j] = u_row[j]
-            o_dt[j] = dt
-            o_dtu[j] = dt * u_row[j]
-        o_gate, o_dgate = r_gate[v], r_dgate[v]
-        if has_z:
-            for j in range(steps):
-                zj = z_row[j]
-                s = _sigmoid(zj, _exp(-abs(zj)), one)
-                o_gate[j] = zj * s
-                o_dgate[j] = s * (one + zj * (one - s))
-        else:
-            o_gate[:steps] = one
-            o_dgate[:steps] = zero
+                rows[k, _SIG, v, j] = one
+            u_j = u[b, d, l0 + j]
+            rows[k, _U, v, j] = u_j
+            rows[k, _DT, v, j] = dt
+            rows[k, _DTU, v, j] = dt * u_j
+        for j in range(steps):
+            if has_z:
+                z_j = z[b, d, l0 + j]
+                s = _sigmoid(z_j, _exp(-abs(z_j)), one)
+                rows[k, _GATE, v, j] = z_j * s
+                rows[k, _DGATE, v, j] = s * (one + z_j * (one - s))
+            else:
+                rows[k, _GATE, v, j] = one
+                rows[k, _DGATE, v, j] = zero
 
 
 @_jit_inline
-def _transpose_into(rows, cols, steps):
-    """``cols[:steps] = rows[:, :steps].T`` for a (LANES, CHUNK) and a (CHUNK, LANES) tile."""
+def _rows_to_cols(rows, k, row, cols, col, steps):
+    """``cols[:steps, col] = rows[k, row, :, :steps].T``."""
     for j in range(steps):
         for v in range(LANES):
-            cols[j, v] = rows[v, j]
+            cols[j, col, v] = rows[k, row, v, j]
 
 
 @_jit_inline
-def _block_columns(x, d0):
-    """``x[d0:d0 + LANES].T`` of a (dim, k) array as a (k, LANES) array, zero past the last channel."""
-    cols = np.zeros((x.shape[1], LANES), dtype=x.dtype)
-    for v in range(min(LANES, x.shape[0] - d0)):
-        cols[:, v] = x[d0 + v]
-    return cols
+def _cols_to_rows(cols, col, rows, k, row, steps):
+    """``rows[k, row, :, :steps] = cols[:steps, col].T``."""
+    for v in range(LANES):
+        for j in range(steps):
+            rows[k, row, v, j] = cols[j, col, v]
+
+
+@_jit_inline
+def _new_state(A, d0):
+    """Zero state of a channel block, with ``A[d0:d0 + LANES].T`` in slot _A (zero past the last channel)."""
+    state = np.zeros((A.shape[1], _N_STATE, LANES), dtype=A.dtype)
+    for n in range(A.shape[1]):
+        for v in range(min(LANES, A.shape[0] - d0)):
+            state[n, _A, v] = A[d0 + v, n]
+    return state
 
 
 @_jit
@@ -234,7 +262,7 @@ def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, out, states)
 
     Shapes: u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, N, L); D, bias (dim,);
     states (batch, n_blocks, n_chunks or 0, N, LANES) with n_blocks = ceil(dim / LANES).
-    Zero lanes past the last channel keep a zero state.
+    Lanes past the last channel compute zeros.
     """
     batch, dim, length = u.shape
     d_state = A.shape[1]
@@ -245,34 +273,33 @@ def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, out, states)
     for task in prange(batch * n_blocks):
         b, blk = task // n_blocks, task % n_blocks
         d0 = blk * LANES
-        a_cols = _block_columns(A, d0)
-        h = np.zeros((d_state, LANES), dtype=u.dtype)
-        r_u = np.zeros((LANES, CHUNK), dtype=u.dtype)
-        r_dt, r_dtu, r_sig = np.zeros_like(r_u), np.zeros_like(r_u), np.zeros_like(r_u)
-        r_gate, r_dgate = np.zeros_like(r_u), np.zeros_like(r_u)
-        c_dt = np.zeros((CHUNK, LANES), dtype=u.dtype)
-        c_dtu, c_y = np.zeros_like(c_dt), np.zeros_like(c_dt)
+        rows = np.zeros((1, _N_ROWS, LANES, CHUNK), dtype=u.dtype)
+        cols = np.zeros((CHUNK, _N_COLS, LANES), dtype=u.dtype)
+        state = _new_state(A, d0)
         for c in range(n_chunks):
             l0 = c * CHUNK
             steps = min(CHUNK, length - l0)
             if save:
-                states[b, blk, c] = h
-            _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, r_u, r_dt, r_dtu, r_sig, r_gate, r_dgate)
-            _transpose_into(r_dt, c_dt, steps)
-            _transpose_into(r_dtu, c_dtu, steps)
+                for n in range(d_state):
+                    for v in range(LANES):
+                        states[b, blk, c, n, v] = state[n, _H, v]
+            _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, 0)
+            _rows_to_cols(rows, 0, _DT, cols, _C_DT, steps)
+            _rows_to_cols(rows, 0, _DTU, cols, _C_DTU, steps)
             for j in range(steps):
-                c_y[j] = zero
+                for v in range(LANES):
+                    cols[j, _C_Y, v] = zero
                 for n in range(d_state):
                     b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
                     for v in range(LANES):
-                        h_v = _exp(c_dt[j, v] * a_cols[n, v]) * h[n, v] + c_dtu[j, v] * b_n
-                        h[n, v] = h_v
-                        c_y[j, v] += c_n * h_v
+                        h_v = _exp(cols[j, _C_DT, v] * state[n, _A, v]) * state[n, _H, v] + cols[j, _C_DTU, v] * b_n
+                        state[n, _H, v] = h_v
+                        cols[j, _C_Y, v] += c_n * h_v
+            _cols_to_rows(cols, _C_Y, rows, 0, _DY, steps)
             for v in range(min(LANES, dim - d0)):
                 D_d = D[d0 + v]
-                out_row = out[b, d0 + v, l0:l0 + steps]
                 for j in range(steps):
-                    out_row[j] = (c_y[j, v] + D_d * r_u[v, j]) * r_gate[v, j]
+                    out[b, d0 + v, l0 + j] = (rows[0, _DY, v, j] + D_d * rows[0, _U, v, j]) * rows[0, _GATE, v, j]
 
 
 @_jit
@@ -280,110 +307,135 @@ def _backward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, states, dou
                      du, ddelta, dz, dA, dD, dbias, dB, dC):
     """Gradients of the scan, from the chunk states that :func:`_forward_kernel` saved.
 
-    Writes du, ddelta, dz (batch, dim, L; dz only with ``has_z``); dA (batch, dim, N); dD, dbias (batch, dim); and adds
-    into dB, dC (batch, n_groups, N, L), one zeroed accumulator per group of channel blocks.
-    The caller sums the batch and group axes.
+    Writes du, ddelta, dz (batch, dim, L; dz only with ``has_z``); dA (batch, dim, N); dD, dbias
+    (batch, dim); and adds into dB, dC (batch, n_groups, N, L), one zeroed accumulator per group
+    of channel blocks. The caller sums the batch and group axes.
+
+    Time runs backwards one chunk at a time, but the (batch, dim, L) arrays are read and written
+    a SEGMENT of chunks at a time in time order: the hardware prefetchers follow long ascending
+    runs, not 256-byte steps backwards.
     """
     batch, dim, length = u.shape
     d_state = A.shape[1]
     n_blocks = (dim + LANES - 1) // LANES
     n_chunks = (length + CHUNK - 1) // CHUNK
+    n_segments = (n_chunks + SEGMENT - 1) // SEGMENT
     n_groups = dB.shape[1]
     zero = u.dtype.type(0)
     for task in prange(batch * n_groups):
         b, group = task // n_groups, task % n_groups
-        dB_acc, dC_acc = dB[b, group], dC[b, group]
-        r_u = np.zeros((LANES, CHUNK), dtype=u.dtype)
-        r_dt, r_dtu, r_sig = np.zeros_like(r_u), np.zeros_like(r_u), np.zeros_like(r_u)
-        r_gate, r_dgate, r_dy = np.zeros_like(r_u), np.zeros_like(r_u), np.zeros_like(r_u)
-        c_dt = np.zeros((CHUNK, LANES), dtype=u.dtype)
-        c_dtu, c_y, c_dy = np.zeros_like(c_dt), np.zeros_like(c_dt), np.zeros_like(c_dt)
-        c_du, c_ddt = np.zeros_like(c_dt), np.zeros_like(c_dt)
-        h_prev = np.zeros((CHUNK, d_state, LANES), dtype=u.dtype)
-        decay = np.zeros_like(h_prev)
-        h = np.zeros((d_state, LANES), dtype=u.dtype)
-        g = np.zeros_like(h)
-        dA_chunk, dA_total = np.zeros_like(h), np.zeros_like(h)
-        g_B, g_A = np.zeros(LANES, dtype=u.dtype), np.zeros(LANES, dtype=u.dtype)
+        rows = np.zeros((SEGMENT, _N_ROWS, LANES, CHUNK), dtype=u.dtype)
+        cols = np.zeros((CHUNK, _N_COLS, LANES), dtype=u.dtype)
+        trace = np.zeros((d_state, CHUNK, 2, LANES), dtype=u.dtype)  # decay_t, h_{t-1}
         for blk in range(group * n_blocks // n_groups, (group + 1) * n_blocks // n_groups):
             d0 = blk * LANES
             n_lanes = min(LANES, dim - d0)
-            a_cols = _block_columns(A, d0)
-            g[:] = zero
-            dA_total[:] = zero
+            state = _new_state(A, d0)
+            rows[:] = zero
             for v in range(n_lanes):
                 dD[b, d0 + v] = zero
                 dbias[b, d0 + v] = zero
-            for c in range(n_chunks - 1, -1, -1):
-                l0 = c * CHUNK
-                steps = min(CHUNK, length - l0)
-                _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, r_u, r_dt, r_dtu, r_sig, r_gate, r_dgate)
-                _transpose_into(r_dt, c_dt, steps)
-                _transpose_into(r_dtu, c_dtu, steps)
-                # Recompute the chunk's states from its checkpoint, keeping h_{t-1} and the decays.
-                h[:] = states[b, blk, c]
-                for j in range(steps):
-                    c_y[j] = zero
+            for s in range(n_segments - 1, -1, -1):
+                # max(): s >= 0, and LLVM can then drop the negative-index handling of numba.
+                c0 = max(s, 0) * SEGMENT
+                n_seg_chunks = min(SEGMENT, n_chunks - c0)
+                for k in range(n_seg_chunks):
+                    l0 = (c0 + k) * CHUNK
+                    _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k)
+                    for v in range(n_lanes):
+                        for j in range(min(CHUNK, length - l0)):
+                            rows[k, _DY, v, j] = dout[b, d0 + v, l0 + j]
+                for k in range(n_seg_chunks - 1, -1, -1):
+                    c = c0 + k
+                    l0 = c * CHUNK
+                    steps = min(CHUNK, length - l0)
+                    _rows_to_cols(rows, k, _DT, cols, _C_DT, steps)
+                    _rows_to_cols(rows, k, _DTU, cols, _C_DTU, steps)
+                    # Recompute the chunk from its checkpoint, keeping each decay and h_{t-1}.
                     for n in range(d_state):
-                        b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
                         for v in range(LANES):
-                            a_v = _exp(c_dt[j, v] * a_cols[n, v])
-                            h_prev[j, n, v] = h[n, v]
-                            decay[j, n, v] = a_v
-                            h_v = a_v * h[n, v] + c_dtu[j, v] * b_n
-                            h[n, v] = h_v
-                            c_y[j, v] += c_n * h_v
-                # Output gate: out = (y + D u) * silu(z).
-                for v in range(n_lanes):
-                    dout_row = dout[b, d0 + v, l0:l0 + steps]
+                            state[n, _H, v] = states[b, blk, c, n, v]
                     for j in range(steps):
-                        r_dy[v, j] = dout_row[j] * r_gate[v, j]
-                    if has_z:
+                        for v in range(LANES):
+                            cols[j, _C_Y, v] = zero
+                        for n in range(d_state):
+                            b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
+                            for v in range(LANES):
+                                a_v = _exp(cols[j, _C_DT, v] * state[n, _A, v])
+                                h_v = state[n, _H, v]
+                                trace[n, j, 0, v] = a_v
+                                trace[n, j, 1, v] = h_v
+                                h_v = a_v * h_v + cols[j, _C_DTU, v] * b_n
+                                state[n, _H, v] = h_v
+                                cols[j, _C_Y, v] += c_n * h_v
+                    # Output gate, out = (y + D u) * silu(z): _DY turns from dL/dout into dL/dy,
+                    # _DGATE into dL/dz (y sits in _GB for now).
+                    _cols_to_rows(cols, _C_Y, rows, k, _GB, steps)
+                    for v in range(n_lanes):
                         D_d = D[d0 + v]
-                        dz_row = dz[b, d0 + v, l0:l0 + steps]
                         for j in range(steps):
-                            dz_row[j] = dout_row[j] * (c_y[j, v] + D_d * r_u[v, j]) * r_dgate[v, j]
-                _transpose_into(r_dy, c_dy, steps)
-                # Adjoint recurrence, backwards in time; g holds decay_{t+1} * dL/dh_{t+1} on entry.
-                dA_chunk[:] = zero
-                for j in range(steps - 1, -1, -1):
-                    g_B[:] = zero
-                    g_A[:] = zero
+                            dout_j = rows[k, _DY, v, j]
+                            y_j = rows[k, _GB, v, j] + D_d * rows[k, _U, v, j]
+                            rows[k, _DGATE, v, j] = dout_j * y_j * rows[k, _DGATE, v, j]
+                            rows[k, _DY, v, j] = dout_j * rows[k, _GATE, v, j]
+                    _rows_to_cols(rows, k, _DY, cols, _C_DY, steps)
+                    # Adjoint recurrence backwards in time; _G holds decay_{t+1} * dL/dh_{t+1} on entry.
                     for n in range(d_state):
-                        b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
-                        s_B = zero
-                        s_C = zero
                         for v in range(LANES):
-                            a_v, hp_v = decay[j, n, v], h_prev[j, n, v]
-                            g_v = c_dy[j, v] * c_n + g[n, v]  # dL/dh_t
-                            s_C += c_dy[j, v] * (a_v * hp_v + c_dtu[j, v] * b_n)
-                            s_B += g_v * c_dtu[j, v]
-                            g_B[v] += g_v * b_n
-                            q_v = g_v * hp_v * a_v  # dL/d decay_t * decay_t
-                            g_A[v] += q_v * a_cols[n, v]
-                            dA_chunk[n, v] += q_v * c_dt[j, v]
-                            g[n, v] = g_v * a_v
-                        dB_acc[n, l0 + j] += s_B
-                        dC_acc[n, l0 + j] += s_C
-                    for v in range(LANES):
-                        c_du[j, v] = g_B[v] * c_dt[j, v]
-                        c_ddt[j, v] = g_A[v] + g_B[v] * r_u[v, j]
-                dA_total += dA_chunk
+                            state[n, _DA, v] = zero
+                    for j in range(steps - 1, -1, -1):
+                        for v in range(LANES):
+                            cols[j, _C_GB, v] = zero
+                            cols[j, _C_GA, v] = zero
+                        for n in range(d_state):
+                            b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
+                            s_B = zero
+                            s_C = zero
+                            for v in range(LANES):
+                                a_v, hp_v = trace[n, j, 0, v], trace[n, j, 1, v]
+                                dy_v, dtu_v = cols[j, _C_DY, v], cols[j, _C_DTU, v]
+                                g_v = dy_v * c_n + state[n, _G, v]  # dL/dh_t
+                                s_C += dy_v * (a_v * hp_v + dtu_v * b_n)
+                                s_B += g_v * dtu_v
+                                cols[j, _C_GB, v] += g_v * b_n
+                                q_v = g_v * hp_v * a_v  # dL/d decay_t * decay_t
+                                cols[j, _C_GA, v] += q_v * state[n, _A, v]
+                                state[n, _DA, v] += q_v * cols[j, _C_DT, v]
+                                state[n, _G, v] = g_v * a_v
+                            dB[b, group, n, l0 + j] += s_B
+                            dC[b, group, n, l0 + j] += s_C
+                    for n in range(d_state):
+                        for v in range(LANES):
+                            state[n, _DA_SUM, v] += state[n, _DA, v]
+                    # _GB and _GA (sums over the state of dL/dx * B and of dL/d decay * decay * A)
+                    # turn into dL/du and dL/ddelta.
+                    _cols_to_rows(cols, _C_GB, rows, k, _GB, steps)
+                    _cols_to_rows(cols, _C_GA, rows, k, _GA, steps)
+                    for v in range(n_lanes):
+                        d = d0 + v
+                        D_d = D[d]
+                        dD_chunk = zero
+                        dbias_chunk = zero
+                        for j in range(steps):
+                            g_B, u_j, dy_j = rows[k, _GB, v, j], rows[k, _U, v, j], rows[k, _DY, v, j]
+                            ddelta_j = (rows[k, _GA, v, j] + g_B * u_j) * rows[k, _SIG, v, j]
+                            rows[k, _GB, v, j] = g_B * rows[k, _DT, v, j] + dy_j * D_d
+                            rows[k, _GA, v, j] = ddelta_j
+                            dD_chunk += dy_j * u_j
+                            dbias_chunk += ddelta_j
+                        dD[b, d] += dD_chunk
+                        dbias[b, d] += dbias_chunk
+                for k in range(n_seg_chunks):
+                    l0 = (c0 + k) * CHUNK
+                    for v in range(n_lanes):
+                        for j in range(min(CHUNK, length - l0)):
+                            du[b, d0 + v, l0 + j] = rows[k, _GB, v, j]
+                            ddelta[b, d0 + v, l0 + j] = rows[k, _GA, v, j]
+                            if has_z:
+                                dz[b, d0 + v, l0 + j] = rows[k, _DGATE, v, j]
+            for n in range(d_state):
                 for v in range(n_lanes):
-                    d = d0 + v
-                    D_d = D[d]
-                    du_row, ddelta_row = du[b, d, l0:l0 + steps], ddelta[b, d, l0:l0 + steps]
-                    dD_chunk = zero
-                    dbias_chunk = zero
-                    for j in range(steps):
-                        du_row[j] = c_du[j, v] + r_dy[v, j] * D_d
-                        ddelta_row[j] = c_ddt[j, v] * r_sig[v, j]
-                        dD_chunk += r_dy[v, j] * r_u[v, j]
-                        dbias_chunk += ddelta_row[j]
-                    dD[b, d] += dD_chunk
-                    dbias[b, d] += dbias_chunk
-            for v in range(n_lanes):
-                dA[b, d0 + v] = dA_total[:, v]
+                    dA[b, d0 + v, n] = state[n, _DA_SUM, v]
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
