@@ -21,6 +21,10 @@ from umamba.models.separator import separate
 logger = logging.getLogger(__name__)
 
 
+# What a training step does with its batch, from the least to the most severe (see fit_batch).
+_STEP, _NOTHING_TO_LEARN, _SKIP = 0, 1, 2
+
+
 class TooManySkippedBatches(RuntimeError):
     """Raised when too many training batches in a row had a non-finite or over-limit loss."""
 
@@ -60,24 +64,37 @@ class Separation(sb.Brain):
         return self.hparams.loss(targets, est)
 
     def fit_batch(self, batch):
-        """One training step, skipping bad losses instead of stepping on them."""
+        """One training step, skipping bad losses instead of stepping on them.
+
+        Under DDP every process takes the same path: a process that skipped the backward pass
+        while the others ran it would leave them waiting in the gradient all-reduce.
+        """
         should_step = (self.step % self.grad_accumulation_factor) == 0
         with self.no_sync(not should_step):
             with self.training_ctx:
                 predictions = self.compute_forward(batch, sb.Stage.TRAIN)
                 loss = self.compute_objectives(predictions, batch, sb.Stage.TRAIN)
+            finite = bool(torch.isfinite(loss).all())  # before the threshold, which would drop NaN quietly
             if getattr(self.hparams, "threshold_byloss", False):
-                loss = loss[loss > self.hparams.threshold]
-                if loss.numel() == 0:  # every example already beyond the target: nothing to learn
-                    return torch.tensor(0.0)
-            loss = loss.mean()
-            if not torch.isfinite(loss) or loss > self.hparams.loss_upper_lim:
+                loss = loss[loss > self.hparams.threshold]  # examples already beyond the target teach nothing
+            learn = loss.numel() > 0
+            loss = loss.mean() if learn else loss.sum()  # the sum of nothing: 0
+            bad = not finite or bool(loss > self.hparams.loss_upper_lim)
+            verdict = self._most_severe_on_any_process(_SKIP if bad else _STEP if learn else _NOTHING_TO_LEARN)
+            if verdict == _SKIP:
                 return self._skip_batch(batch, loss)
+            if verdict == _NOTHING_TO_LEARN:
+                return torch.tensor(0.0)
             self.consecutive_skips = 0
             self.scaler.scale(loss / self.grad_accumulation_factor).backward()
         if should_step:
             self.optimizers_step()
         return loss.detach().cpu()
+
+    def _most_severe_on_any_process(self, verdict: int) -> int:
+        """The highest ``verdict`` over the DDP processes (``verdict`` itself without DDP)."""
+        verdict = torch.tensor(verdict, device=self.device)
+        return int(sb.utils.distributed.ddp_all_reduce(verdict, torch.distributed.ReduceOp.MAX))
 
     def _skip_batch(self, batch, loss):
         self.skipped_batches += 1
@@ -85,8 +102,8 @@ class Separation(sb.Brain):
         for opt in self.optimizers_dict.values():
             opt.zero_grad(set_to_none=True)
         logger.warning(
-            "Skipped training batch %s: loss %s (non-finite or above loss_upper_lim=%s); %d skipped so far, "
-            "%d in a row",
+            "Skipped training batch %s: loss %s (a loss was non-finite or above loss_upper_lim=%s, here or on "
+            "another DDP process); %d skipped so far, %d in a row",
             ",".join(batch.id), loss.item(), self.hparams.loss_upper_lim, self.skipped_batches, self.consecutive_skips,
         )
         if self.consecutive_skips >= self.hparams.max_consecutive_skips:
@@ -129,10 +146,8 @@ class Separation(sb.Brain):
         budget = getattr(self.hparams, "train_budget_minutes", 0)
         if not budget:
             return
-        elapsed = torch.tensor((time.monotonic() - self.fit_start_time) / 60, dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)  # every rank stops together
-        elapsed = elapsed.item()
+        elapsed = torch.tensor((time.monotonic() - self.fit_start_time) / 60, device=self.device)  # NCCL: on the GPU
+        elapsed = sb.utils.distributed.ddp_all_reduce(elapsed, torch.distributed.ReduceOp.MAX).item()  # all stop together
         if elapsed >= budget:
             logger.info("Training budget of %g min used (%.1f min): stopping after epoch %d", budget, elapsed, epoch)
             self.hparams.epoch_counter.limit = epoch
@@ -167,12 +182,14 @@ class Separation(sb.Brain):
             )
             self.checkpointer.save_and_keep_only(meta={"neg_si_snr": stage_loss}, min_keys=["neg_si_snr"])
             self._stop_when_over_budget(epoch)
-        elif stage == sb.Stage.TEST and self.test_report is not None:
-            summary = self.test_report.close()
+        elif stage == sb.Stage.TEST:
+            if self.test_report is not None:  # the main process
+                summary = self.test_report.close()
+                stats.update({f"{k} mean": v["mean"] for k, v in summary.items()
+                              if k in ("si_snri", "sdri", "pesq", "stoi")})
+                logger.info("Per-utterance results: %s; summary: %s", self.test_report.per_utterance_path,
+                            self.test_report.summary_path)
+            # On every process: SpeechBrain's main-process-only functions end with a DDP broadcast.
             self.hparams.train_logger.log_stats(
-                stats_meta={"epoch loaded": self.hparams.epoch_counter.current},
-                test_stats={"neg_si_snr": stage_loss, **{f"{k} mean": v["mean"] for k, v in summary.items()
-                                                    if k in ("si_snri", "sdri", "pesq", "stoi")}},
+                stats_meta={"epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
             )
-            logger.info("Per-utterance results: %s; summary: %s", self.test_report.per_utterance_path,
-                        self.test_report.summary_path)
