@@ -454,14 +454,14 @@ class _SelectiveScan(torch.autograd.Function):
     """Autograd wrapper of the kernels; arguments already checked and in one dtype."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
         batch, dim, length = u.shape
         d_state = A.shape[1]
         zeros = torch.zeros(dim, dtype=u.dtype)
         n_blocks = -(-dim // LANES)
-        n_saved = -(-length // CHUNK) if any(ctx.needs_input_grad) else 0
-        states = torch.empty(batch, n_blocks, n_saved, d_state, LANES, dtype=u.dtype)
-        out = torch.empty_like(u, memory_format=torch.contiguous_format)
+        n_saved = -(-length // CHUNK) if save_states else 0
+        states = u.new_empty(batch, n_blocks, n_saved, d_state, LANES)
+        out = u.new_empty(u.shape)
         _use_torch_threads()
         _forward_kernel(
             _array(u), _array(delta), _array(A), _array(B), _array(C),
@@ -480,8 +480,8 @@ class _SelectiveScan(torch.autograd.Function):
         d_state = A.shape[1]
         zeros = torch.zeros(dim, dtype=u.dtype)
         n_groups = min(_use_torch_threads(), -(-dim // LANES))
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dz = torch.empty_like(u) if z is not None else u.new_empty(0, 0, 0)
+        du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
+        dz = u.new_empty(u.shape if z is not None else (0, 0, 0))
         dA = u.new_empty(batch, dim, d_state)
         dD, dbias = u.new_empty(batch, dim), u.new_empty(batch, dim)
         dB, dC = u.new_zeros(batch, n_groups, d_state, length), u.new_zeros(batch, n_groups, d_state, length)
@@ -497,6 +497,7 @@ class _SelectiveScan(torch.autograd.Function):
             None if D is None else dD.sum(0),
             None if z is None else dz,
             None if delta_bias is None else dbias.sum(0),
+            None,
             None,
         )
 
@@ -587,4 +588,6 @@ def selective_scan_cpu(
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     tensors = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
-    return _SelectiveScan.apply(*tensors, delta_softplus).to(u.dtype)
+    # Checkpoints only when autograd will call the backward (forward() itself runs without grad).
+    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return _SelectiveScan.apply(*tensors, bool(delta_softplus), save_states).to(u.dtype)

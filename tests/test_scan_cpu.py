@@ -1,0 +1,220 @@
+"""Tests of the numba CPU selective scan against a plain sequential float64 reference.
+
+The first run compiles the kernels (float32 and float64, forward and backward): about a minute
+on two cores; numba caches them in ``umamba/mamba/__pycache__`` for later runs.
+"""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+scan_cpu = pytest.importorskip("umamba.mamba.scan_cpu")
+if not scan_cpu.is_available():
+    pytest.skip("numba is not installed", allow_module_level=True)
+
+from umamba.mamba.scan_cpu import CHUNK, LANES, SEGMENT, selective_scan_cpu  # noqa: E402
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def reference_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The recurrence written out step by step in float64 (as mamba_ssm's selective_scan_ref)."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(u.shape[2]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y
+
+
+def make_inputs(batch, dim, d_state, length, with_D=True, with_z=True, with_bias=True, seed=0):
+    """float64 inputs in the ranges a Mamba block produces (A < 0, delta around softplus's knee)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    return {
+        "u": randn(batch, dim, length),
+        "delta": randn(batch, dim, length) - 1.0,
+        "A": -torch.exp(randn(dim, d_state)),
+        "B": randn(batch, d_state, length),
+        "C": randn(batch, d_state, length),
+        "D": randn(dim) if with_D else None,
+        "z": randn(batch, dim, length) if with_z else None,
+        "delta_bias": 0.5 * randn(dim) if with_bias else None,
+    }
+
+
+def as_float32(inputs):
+    return {k: None if v is None else v.float() for k, v in inputs.items()}
+
+
+def rel_error(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def run_both(inputs, delta_softplus, dtype):
+    """Output and gradients (for a fixed random dout) of the kernel in ``dtype`` and of the reference."""
+    dout = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for fn, cast in ((selective_scan_cpu, dtype), (reference_scan, torch.float64)):
+        leaves = {k: None if v is None else v.detach().to(cast).requires_grad_() for k, v in inputs.items()}
+        out = fn(**leaves, delta_softplus=delta_softplus)
+        out.backward(dout.to(out.dtype))
+        grads = {k: v.grad for k, v in leaves.items() if v is not None}
+        results.append((out.detach(), grads))
+    return results
+
+
+# (batch, dim, d_state, L): one step; a few steps; dim not a multiple of LANES and L not a
+# multiple of CHUNK; several channel blocks and backward segments (L > CHUNK * SEGMENT).
+SHAPES = [(1, 16, 4, 1), (3, 5, 4, 7), (2, 20, 16, 150)]
+LONG = (1, 40, 3, CHUNK * SEGMENT + 77)
+OPTIONS = [  # with_D, with_z, with_bias, delta_softplus
+    (True, True, True, True),
+    (False, False, False, False),
+    (True, False, True, True),
+    (False, True, False, True),
+]
+CASES = [(shape, options) for shape in SHAPES for options in OPTIONS] + [(LONG, OPTIONS[0]), (LONG, OPTIONS[1])]
+
+
+@pytest.mark.parametrize("shape, options", CASES)
+def test_float32_matches_reference(shape, options):
+    with_D, with_z, with_bias, softplus = options
+    inputs = make_inputs(*shape, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()  # raw positive step sizes
+    (out, grads), (ref_out, ref_grads) = run_both(inputs, softplus, torch.float32)
+    assert out.dtype == torch.float32
+    assert rel_error(out, ref_out) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == torch.float32
+        assert rel_error(grads[name], ref_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4, 7), (2, 20, 16, 150)])
+def test_float64_gradients_match_reference_autograd(shape):
+    (out, grads), (ref_out, ref_grads) = run_both(make_inputs(*shape), True, torch.float64)
+    assert rel_error(out, ref_out) < 1e-12
+    assert set(grads) == set(NAMES)
+    for name in NAMES:
+        assert rel_error(grads[name], ref_grads[name]) < 1e-10, name
+
+
+def test_gradcheck():
+    inputs = make_inputs(2, 3, 2, 9)
+    tensors = tuple(inputs[k].requires_grad_() for k in NAMES)
+
+    def fn(*args):
+        return selective_scan_cpu(*args, delta_softplus=True)
+
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+def test_threads_agree_and_do_not_race():
+    """Several tasks share a batch element's dB and dC: results must not depend on scheduling."""
+    inputs = make_inputs(3, 3 * LANES + 5, 8, 2 * CHUNK + 9)
+    inputs = as_float32(inputs)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 2, 2):
+            torch.set_num_threads(n)
+            runs.append(run_both(inputs, True, torch.float32)[0])
+    finally:
+        torch.set_num_threads(threads)
+    (out_1, grads_1) = runs[0]
+    for out, grads in runs[1:]:
+        assert torch.equal(out, out_1)
+        for name in grads:
+            # dB, dC: the order of the sum over channel groups depends on the number of threads
+            torch.testing.assert_close(grads[name], grads_1[name], rtol=1e-5, atol=1e-6)
+    for out, grads in runs[2:]:  # same thread count: bit for bit
+        assert torch.equal(out, runs[1][0])
+        for name in grads:
+            assert torch.equal(grads[name], runs[1][1][name]), name
+
+
+def test_no_grad_output_and_layouts():
+    inputs = as_float32(make_inputs(2, 6, 5, 70))
+    expected = selective_scan_cpu(**inputs, delta_softplus=True)
+    with torch.no_grad():
+        assert torch.equal(selective_scan_cpu(**inputs, delta_softplus=True), expected)
+    # B and C as a Mamba block makes them: a transposed view of (batch, L, d_state)
+    B_t = inputs["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    C_t = inputs["C"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not B_t.is_contiguous()
+    assert torch.equal(selective_scan_cpu(**{**inputs, "B": B_t, "C": C_t}, delta_softplus=True), expected)
+    # bfloat16 input: computed in float32, returned in the input dtype
+    out = selective_scan_cpu(**{**inputs, "u": inputs["u"].bfloat16()}, delta_softplus=True)
+    assert out.dtype == torch.bfloat16
+
+
+def test_extreme_values():
+    inputs = make_inputs(1, 4, 3, 20, with_z=False)
+    inputs["delta"][0, 0, 5] = 300.0  # exp(delta * A) underflows to 0: the state restarts
+    inputs["delta"][0, 1, 3] = -300.0  # softplus ~ 0: the state is carried unchanged
+    inputs["u"][0, 2, 7] = float("nan")
+    out = selective_scan_cpu(**as_float32(inputs), delta_softplus=True)
+    ref = reference_scan(**inputs, delta_softplus=True)
+    assert torch.isnan(out[0, 2, 7:]).all() and not torch.isnan(out[0, 2, :7]).any()
+    finite = ~torch.isnan(ref)
+    assert torch.equal(finite, ~torch.isnan(out))
+    assert rel_error(out[finite], ref[finite]) < 1e-5
+
+
+@scan_cpu.numba.njit
+def _elementwise(xs, log1p):
+    out = np.empty_like(xs)
+    for i in range(xs.size):
+        out[i] = scan_cpu._log1p_unit(xs[i]) if log1p else scan_cpu._exp(xs[i])
+    return out
+
+
+def test_float32_exp_and_log1p_are_accurate():
+    """The polynomial exp and log1p of the float32 kernels: within 2 ulp of float64 numpy."""
+    ulp = 2.0**-23
+    xs = np.linspace(-87.3, 88.3, 100001).astype(np.float32)
+    got = _elementwise(xs, False)
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got / np.exp(xs.astype(np.float64)) - 1)) < 2 * ulp
+    edges = _elementwise(np.array([-np.inf, -200, 200, np.inf, np.nan], dtype=np.float32), False)
+    assert edges[:4].tolist() == [0.0, 0.0, np.inf, np.inf] and math.isnan(edges[4])
+    ys = np.concatenate([np.geomspace(1e-30, 1, 50000), np.linspace(0, 1, 50001)[1:]]).astype(np.float32)
+    got = _elementwise(ys, True)
+    ref = np.log1p(ys.astype(np.float64))
+    assert np.max(np.abs(got - ref) / ref) < 2 * ulp
+    assert _elementwise(np.zeros(1, dtype=np.float32), True)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("B", torch.zeros(2, 4, 9), "B must have shape (2, 3, 10)"),
+        ("A", torch.zeros(5, 3), "A must be (dim, d_state) with dim = 4"),
+        ("D", torch.zeros(3), "D must have shape (4,)"),
+        ("z", torch.zeros(2, 4, 10, dtype=torch.int64), "z must be real floating point"),
+    ],
+)
+def test_bad_input_names_the_argument(name, value, message):
+    inputs = as_float32(make_inputs(2, 4, 3, 10))
+    inputs[name] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        selective_scan_cpu(**inputs)
