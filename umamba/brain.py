@@ -177,10 +177,12 @@ class Separation(sb.Brain):
             if isinstance(self.hparams.lr_scheduler, ReduceLROnPlateau):
                 current_lr, next_lr = self.hparams.lr_scheduler([self.optimizer], epoch, stage_loss)
                 update_learning_rate(self.optimizer, next_lr)
+            # Checkpoint, then log: a run killed while saving resumes from the previous checkpoint and
+            # redoes this epoch, which must not be in the log yet.
+            self.checkpointer.save_and_keep_only(meta={"neg_si_snr": stage_loss}, min_keys=["neg_si_snr"])
             self.hparams.train_logger.log_stats(
                 stats_meta={"epoch": epoch, "lr": current_lr}, train_stats=self.train_stats, valid_stats=stats
             )
-            self.checkpointer.save_and_keep_only(meta={"neg_si_snr": stage_loss}, min_keys=["neg_si_snr"])
             self._stop_when_over_budget(epoch)
         elif stage == sb.Stage.TEST:
             if self.test_report is not None:  # the main process
