@@ -120,7 +120,8 @@ def prepare_librimix(
     and, when the mixtures contain noise (``mix_both``, ``mix_single``),
     ``noise_wav``. Rows are sorted by ID; ``duration`` is the metadata
     ``length`` in seconds; paths start with ``$data_root`` (the LibriMix
-    folder). Every file is checked to exist and to have ``sample_rate``.
+    folder). Every file is checked to exist, to be mono and to have
+    ``sample_rate`` and the metadata ``length`` (a header read, no samples).
 
     A split is skipped when its CSV exists and was written with the same
     options from the same metadata file (a JSON sidecar records both).
@@ -164,7 +165,7 @@ def prepare_librimix(
     LibriMixNotFoundError
         If a folder, a metadata file or an audio file is missing.
     LibriMixFormatError
-        If a metadata file is malformed or a file has the wrong sample rate.
+        If a metadata file is malformed, or a file has the wrong sample rate, channels or length.
 
     Example
     -------
@@ -238,7 +239,7 @@ def prepare_librimix(
             for column, folder in zip(columns, folders):
                 rel_path = f"{rel_folder}/{folder}/{mixture_id}.wav"
                 path = os.path.join(root, *rel_path.split("/"))
-                _check_wav(path, sample_rate, mixture_id, metadata)
+                _check_wav(path, sample_rate, length, mixture_id, metadata)
                 row[column] = f"$data_root/{rel_path}"
             table.append(row)
         write_csv(csv_path, ["ID", "duration"] + columns, table)
@@ -351,17 +352,26 @@ def read_metadata(metadata: str) -> List[tuple]:
     return sorted(rows)
 
 
-def _check_wav(path: str, sample_rate: int, mixture_id: str, metadata: str) -> None:
-    """Checks that the file of a mixture exists and has the expected sample rate."""
+def _check_wav(path: str, sample_rate: int, length: int, mixture_id: str, metadata: str) -> None:
+    """Checks that the file of a mixture exists, is mono and has the sample rate and length of the metadata."""
     if not os.path.isfile(path):
         raise LibriMixNotFoundError(
             f"Mixture '{mixture_id}' (listed in '{metadata}') has no file '{path}'"
         )
-    found = audio_info(path).sample_rate
-    if found != sample_rate:
+    info = audio_info(path)
+    if info.sample_rate != sample_rate:
         raise LibriMixFormatError(
-            f"'{path}' (mixture '{mixture_id}') has sample rate {found} Hz, "
+            f"'{path}' (mixture '{mixture_id}') has sample rate {info.sample_rate} Hz, "
             f"expected {sample_rate} Hz"
+        )
+    if info.channels != 1:
+        raise LibriMixFormatError(
+            f"'{path}' (mixture '{mixture_id}') has {info.channels} channels, expected mono"
+        )
+    if info.frames != length:  # LibriMix cuts or pads every file of a mixture to its length
+        raise LibriMixFormatError(
+            f"'{path}' (mixture '{mixture_id}') has {info.frames} samples, but '{metadata}' gives "
+            f"the mixture {length} (a truncated or foreign file?)"
         )
 
 
