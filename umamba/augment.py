@@ -32,7 +32,7 @@ from speechbrain.processing.signal_processing import compute_amplitude, convolve
 from tqdm import tqdm
 
 from umamba.data.audio import AudioError, audio_info, read_channels
-from umamba.data.dynamic_mixing import load_csv
+from umamba.data.datasets import load_csv
 
 # Above this energy ratio (-30 dB) a mixture holds more than the sum of its sources.
 _RESIDUAL_LIMIT = 1e-3

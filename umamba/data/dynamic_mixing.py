@@ -20,16 +20,15 @@ import glob
 import math
 import os
 from collections import defaultdict
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyloudnorm
 import torch
 from scipy.signal import resample_poly
-from speechbrain.dataio.dataio import load_data_csv
 
 from umamba.data.audio import PathLike, audio_info, read_audio, read_channels
-from umamba.data.datasets import source_keys
+from umamba.data.datasets import load_csv, source_keys
 from umamba.data.demo_corpus import set_loudness
 
 SPEECH_LUFS = (-33.0, -25.0)
@@ -209,28 +208,6 @@ def audio_files(folder: PathLike) -> List[str]:
     if not paths:
         raise FileNotFoundError(f"No .wav or .flac file under '{folder}'")
     return paths
-
-
-def load_csv(csv_path: str, replacements: Dict[str, str]) -> dict:
-    """SpeechBrain's ``load_data_csv`` (rows by ID, ``$name`` replaced), with errors naming the CSV.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> tmp_dir = tempfile.TemporaryDirectory()
-    >>> csv_path = os.path.join(tmp_dir.name, "rirs.csv")
-    >>> with open(csv_path, "w") as f:
-    ...     _ = f.write("ID,wav\\nroom1,$rir_root/room1.wav\\n")
-    >>> load_csv(csv_path, {"rir_root": "/rirs"})
-    {'room1': {'wav': '/rirs/room1.wav'}}
-    >>> tmp_dir.cleanup()
-    """
-    if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"CSV file '{csv_path}' does not exist")
-    try:
-        return load_data_csv(csv_path, replacements)
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"Cannot read CSV '{csv_path}': {err}") from err
 
 
 class DynamicMixingDataset(torch.utils.data.Dataset):
