@@ -199,8 +199,9 @@ class Separation(sb.Brain):
         with self.no_sync(not should_step):
             with self.training_ctx:
                 predictions = self.compute_forward(batch, sb.Stage.TRAIN)
-                loss = self.compute_objectives(predictions, batch, sb.Stage.TRAIN)
-            finite = bool(torch.isfinite(loss).all())  # before the threshold, which would drop NaN quietly
+                example_losses = self.compute_objectives(predictions, batch, sb.Stage.TRAIN)
+            finite = bool(torch.isfinite(example_losses).all())  # before the threshold, which drops NaN quietly
+            loss = example_losses
             if getattr(self.hparams, "threshold_byloss", False):
                 loss = loss[loss > self.hparams.threshold]  # examples already beyond the target teach nothing
             learn = loss.numel() > 0
@@ -208,7 +209,7 @@ class Separation(sb.Brain):
             bad = not finite or bool(loss > self.hparams.loss_upper_lim)
             verdict = self._most_severe_on_any_process(_SKIP if bad else _STEP if learn else _NOTHING_TO_LEARN)
             if verdict == _SKIP:
-                return self._skip_batch(batch, loss)
+                return self._skip_batch(batch, example_losses)
             if verdict == _NOTHING_TO_LEARN:
                 return torch.tensor(0.0)
             self.consecutive_skips = 0
@@ -222,15 +223,16 @@ class Separation(sb.Brain):
         verdict = torch.tensor(verdict, device=self.device)
         return int(sb.utils.distributed.ddp_all_reduce(verdict, torch.distributed.ReduceOp.MAX))
 
-    def _skip_batch(self, batch, loss):
+    def _skip_batch(self, batch, example_losses):
         self.skipped_batches += 1
         self.consecutive_skips += 1
         for opt in self.optimizers_dict.values():
             opt.zero_grad(set_to_none=True)
         logger.warning(
-            "Skipped training batch %s: loss %s (a loss was non-finite or above loss_upper_lim=%s, here or on "
-            "another DDP process); %d skipped so far, %d in a row",
-            ",".join(batch.id), loss.item(), self.hparams.loss_upper_lim, self.skipped_batches, self.consecutive_skips,
+            "Skipped training batch %s: losses %s (a loss was non-finite or their mean above loss_upper_lim=%s, "
+            "here or on another DDP process); %d skipped so far, %d in a row",
+            ",".join(batch.id), ", ".join(f"{value:.2f}" for value in example_losses.tolist()),
+            self.hparams.loss_upper_lim, self.skipped_batches, self.consecutive_skips,
         )
         if self.consecutive_skips >= self.hparams.max_consecutive_skips:
             raise TooManySkippedBatches(
@@ -272,8 +274,8 @@ class Separation(sb.Brain):
         budget = getattr(self.hparams, "train_budget_minutes", 0)
         if not budget:
             return
-        elapsed = torch.tensor((time.monotonic() - self.fit_start_time) / 60, device=self.device)  # NCCL: on the GPU
-        elapsed = sb.utils.distributed.ddp_all_reduce(elapsed, torch.distributed.ReduceOp.MAX).item()  # all stop together
+        elapsed = torch.tensor((time.monotonic() - self.fit_start_time) / 60, device=self.device)  # NCCL: a GPU tensor
+        elapsed = sb.utils.distributed.ddp_all_reduce(elapsed, torch.distributed.ReduceOp.MAX).item()  # stop together
         if elapsed >= budget:
             logger.info("Training budget of %g min used (%.1f min): stopping after epoch %d", budget, elapsed, epoch)
             self.hparams.epoch_counter.limit = epoch
