@@ -5,11 +5,14 @@ half-written output is left behind, and no NaN reaches the model's parameters.
 """
 
 import csv
+import glob
 import itertools
 import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,6 +122,24 @@ def test_files_that_pass_preparation_fail_at_loading_naming_the_file(data, tmp_p
     with pytest.raises(AudioError) as info:
         dataset[0]
     assert str(bad) in str(info.value) and ("NaN" in str(info.value) or "no such file" in str(info.value))
+
+
+def test_train_py_stops_at_a_nan_training_file_naming_it(data, tmp_path):
+    bad = sorted((data / "Libri2Mix" / "wav8k" / "min" / "train-360" / "s1").iterdir())[0]
+    signal, rate = sf.read(bad, dtype="float32")
+    signal[10] = np.nan
+    sf.write(bad, signal, rate, subtype="FLOAT")
+    out = tmp_path / "out"
+    tiny = [f"--{key}={value}" for key, value in TINY_MODEL.items()]
+    cmd = [sys.executable, "train.py", "hparams/umamba.yaml", "--data_folder", str(data), "--output_folder", str(out),
+           "--device", "cpu", *tiny, "--reverb", "False", "--batch_size", "1", "--segment_seconds", "0.5",
+           "--N_epochs", "1", "--compute_pesq", "False", "--compute_stoi", "False", "--noprogressbar"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    last_line = proc.stdout.strip().splitlines()[-1]  # SpeechBrain logs the exception to stdout
+    assert last_line == f"umamba.data.audio.AudioError: Cannot read audio '{bad}': it contains NaN or infinite samples"
+    assert not glob.glob(str(out / "save" / "CKPT*")) and not glob.glob(str(out / "save" / ".*"))
 
 
 @pytest.mark.parametrize(
