@@ -159,10 +159,18 @@ if numba is not None:
         return log1p_unit_f32
 
     def _jit(function):
-        return numba.njit(parallel=True, cache=True, **_KERNEL_OPTIONS)(function)
+        """A parallel kernel, cached on disk (next to this file, or in the user's cache directory
+        when the package is read-only); compiled on every run where neither is writable."""
+        try:
+            return numba.njit(parallel=True, cache=True, **_KERNEL_OPTIONS)(function)
+        except RuntimeError as error:
+            if "no locator available" not in str(error):
+                raise
+            return numba.njit(parallel=True, **_KERNEL_OPTIONS)(function)
 
     def _jit_inline(function):
-        return numba.njit(cache=True, inline="always", **_KERNEL_OPTIONS)(function)
+        """A helper that numba inlines into the kernels."""
+        return numba.njit(inline="always", **_KERNEL_OPTIONS)(function)
 
 else:
 
