@@ -55,7 +55,7 @@ def data(corpus, tmp_path):
 
 
 def dev_file(data, folder="s1"):
-    return sorted((data / "Libri2Mix" / "wav8k" / "min" / "dev" / folder).iterdir())[0]
+    return min((data / "Libri2Mix" / "wav8k" / "min" / "dev" / folder).iterdir())
 
 
 def _keep_bytes(fraction_or_count):
@@ -125,7 +125,7 @@ def test_files_that_pass_preparation_fail_at_loading_naming_the_file(data, tmp_p
 
 
 def test_train_py_stops_at_a_nan_training_file_naming_it(data, tmp_path):
-    bad = sorted((data / "Libri2Mix" / "wav8k" / "min" / "train-360" / "s1").iterdir())[0]
+    bad = min((data / "Libri2Mix" / "wav8k" / "min" / "train-360" / "s1").iterdir())
     signal, rate = sf.read(bad, dtype="float32")
     signal[10] = np.nan
     sf.write(bad, signal, rate, subtype="FLOAT")
@@ -299,7 +299,10 @@ def model(tmp_path_factory):
 def test_separation_of_stereo_resampled_silent_and_cut_files(model, tmp_path):
     """Missing, empty, corrupt, NaN and too short inputs are tested in tests/test_cli.py."""
     signal = (0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32)
-    separate = lambda path: model.separate_file(str(path), chunk_seconds=0.5, overlap_seconds=0.1)  # noqa: E731
+
+    def separate(path):
+        return model.separate_file(str(path), chunk_seconds=0.5, overlap_seconds=0.1)
+
     write_audio(tmp_path / "mono.wav", 0.75 * signal, 8000)
     write_audio(tmp_path / "stereo.wav", np.stack([signal, 0.5 * signal], axis=1), 8000)
     assert torch.allclose(separate(tmp_path / "stereo.wav"), separate(tmp_path / "mono.wav"), atol=1e-6)  # averaged

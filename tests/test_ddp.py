@@ -56,6 +56,11 @@ torch.save({name: getattr(module, "module", module).state_dict() for name, modul
 """
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,9 +115,9 @@ def test_two_processes_share_the_data_write_one_checkpoint_set_and_one_report(tm
 
     # One checkpoint set (written by rank 0 alone), holding the parameters both processes ended with.
     checkpoints = glob.glob(str(out / "save" / "CKPT*"))
-    counters = [open(os.path.join(c, "counter.ckpt")).read() for c in checkpoints]
+    counters = [_read(os.path.join(c, "counter.ckpt")) for c in checkpoints]
     assert sorted(counters) == sorted(set(counters)) and not glob.glob(str(out / "save" / "incomplete-*"))
-    metas = {c: yaml.safe_load(open(os.path.join(c, "CKPT.yaml"))) for c in checkpoints}
+    metas = {c: yaml.safe_load(_read(os.path.join(c, "CKPT.yaml"))) for c in checkpoints}
     best = min((c for c in checkpoints if "neg_si_snr" in metas[c]), key=lambda c: metas[c]["neg_si_snr"])
     params = [torch.load(records / f"params_rank{rank}.pt") for rank in (0, 1)]
     for name in ("encoder", "masknet", "decoder"):
