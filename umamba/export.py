@@ -38,13 +38,14 @@ import sys
 import tempfile
 import uuid
 
-import torch
 import yaml
 from hyperpyyaml import load_hyperpyyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.tag import Tag
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpoint, Checkpointer, torch_recovery
+
+from umamba.checkpoints import checkpoint_problem
 
 CHECKPOINT_KEY = "neg_si_snr"
 """Checkpoint meta key of the validation loss (negative SI-SNR in dB): lower is better."""
@@ -89,6 +90,7 @@ def find_checkpoint(run_dir: str, ckpt: str = "best") -> Checkpoint:
     Example
     -------
     >>> run = getfixture("tmp_path")
+    >>> import torch
     >>> saver = Checkpointer(run / "save", {name: torch.nn.Linear(1, 1) for name in MODULES})
     >>> _ = saver.save_checkpoint(meta={"neg_si_snr": -3.0}, name="good")
     >>> _ = saver.save_checkpoint(meta={"neg_si_snr": 5.0}, name="later")
@@ -102,15 +104,21 @@ def find_checkpoint(run_dir: str, ckpt: str = "best") -> Checkpoint:
         checkpointer = Checkpointer(save_dir)
         if not checkpointer.list_checkpoints():
             raise ExportError(f"Cannot export '{run_dir}': no checkpoint ({CKPT_PREFIX}+*) in '{save_dir}'")
+
+        def complete(checkpoint):  # not left half-written by a run killed while saving
+            return checkpoint_problem(checkpoint.path, MODULES) is None
+
         if ckpt == "best":
-            found = checkpointer.find_checkpoint(min_key=CHECKPOINT_KEY)
+            found = checkpointer.find_checkpoint(min_key=CHECKPOINT_KEY, ckpt_predicate=complete)
             if found is None:
                 raise ExportError(
                     f"Cannot export '{run_dir}': no checkpoint in '{save_dir}' records a validation "
                     f"{CHECKPOINT_KEY} (pass --ckpt last or a checkpoint folder)"
                 )
         else:
-            found = checkpointer.find_checkpoint()
+            found = checkpointer.find_checkpoint(ckpt_predicate=complete)
+            if found is None:
+                raise ExportError(f"Cannot export '{run_dir}': every checkpoint in '{save_dir}' is incomplete")
     else:
         meta_file = os.path.join(ckpt, METAFNAME)
         if not os.path.isfile(meta_file):
