@@ -6,7 +6,7 @@ Usage::
     python train.py hparams/umamba.yaml                        # synthetic demo corpus, short run
     python train.py hparams/umamba.yaml --data_folder /data    # Libri2Mix under /data
     python train.py hparams/umamba.yaml --data_folder /data --test_only
-    torchrun --nproc_per_node=2 train.py hparams/umamba.yaml --data_folder /data
+    torchrun --nproc_per_node=2 train.py hparams/umamba.yaml --data_folder /data   # add --distributed_backend gloo on CPU
 
 Any yaml value can be overridden on the command line (``--batch_size 2``), and SpeechBrain's
 run options work as usual (``--device``, ``--precision``, ``--debug``). The pieces live in
