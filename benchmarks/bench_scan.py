@@ -115,16 +115,16 @@ def _copy(src, dst):
 
 @numba.njit(parallel=True, fastmath={"contract"}, error_model="numpy")
 def _exp_fast(x, out, reps):
-    for _ in range(reps):
-        for i in prange(x.shape[0]):
+    for i in prange(x.shape[0]):
+        for _ in range(reps):
             for j in range(x.shape[1]):
                 out[i, j] = scan_cpu._exp(x[i, j])
 
 
 @numba.njit(parallel=True, error_model="numpy")
 def _exp_libm(x, out, reps):
-    for _ in range(reps):
-        for i in prange(x.shape[0]):
+    for i in prange(x.shape[0]):
+        for _ in range(reps):
             for j in range(x.shape[1]):
                 out[i, j] = np.exp(x[i, j])
 
@@ -148,15 +148,15 @@ def machine_rates(threads, repeats):
     _copy(src, dst)
     bandwidth = 2 * src.nbytes / best_time(lambda: _copy(src, dst), repeats)
 
-    x = -np.random.default_rng(0).random((threads * 4, 4096), dtype=np.float32) * 20  # 64 KiB per row group
+    x = -np.random.default_rng(0).random((threads, 4096), dtype=np.float32) * 20  # 16 KiB per thread
     out = np.empty_like(x)
-    reps = 200
+    reps = 2000
     _exp_fast(x, out, 1)
     _exp_libm(x, out, 1)
     exp_rate = reps * x.size / best_time(lambda: _exp_fast(x, out, reps), repeats)
-    libm_rate = 20 * x.size / best_time(lambda: _exp_libm(x, out, 20), repeats)
+    libm_rate = 200 * x.size / best_time(lambda: _exp_libm(x, out, 200), repeats)
 
-    y = np.ones((threads * 4, 2048), dtype=np.float32)
+    y = np.ones((threads, 2048), dtype=np.float32)
     _fma(y, 1)
     fma_rate = 8 * reps * y.size / best_time(lambda: _fma(y, reps), repeats)
     return bandwidth, exp_rate, libm_rate, fma_rate
