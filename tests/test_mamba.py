@@ -22,7 +22,7 @@ def reference_mamba(block, x, reverse=False):
         x = x.flip(1)
     batch, length, _ = x.shape
     e, n, r = block.d_inner, block.d_state, block.dt_rank
-    xz = x @ p["in_proj.weight"].T  # (b, l, 2e)
+    xz = x @ p["in_proj.weight"].T + p.get("in_proj.bias", 0.0)  # (b, l, 2e)
     xi, z = xz[..., :e], xz[..., e:]
     w, bias = p[f"conv1d{sfx}.weight"][:, 0, :], p[f"conv1d{sfx}.bias"]  # (e, k), (e,)
     k = w.shape[1]
@@ -54,7 +54,8 @@ def reference_output(block, x):
     y = reference_mamba(block, x)
     if block.bidirectional:
         y = 0.5 * (y + reference_mamba(block, x, reverse=True))
-    return y @ block.state_dict()["out_proj.weight"].double().T
+    state = block.state_dict()
+    return y @ state["out_proj.weight"].double().T + state.get("out_proj.bias", torch.zeros(1)).double()
 
 
 def _randomise(block):
@@ -75,6 +76,14 @@ def test_forward_matches_reference(backend, length):
     assert out.shape == (3, length, 12)
     rel = (out.double() - ref).abs().max() / ref.abs().max()
     assert rel < 1e-5, f"relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_projection_biases_match_reference(backend):
+    block = _randomise(Mamba(d_model=8, d_state=4, bias=True, backend=backend))
+    x = torch.randn(2, 9, 8)
+    ref = reference_output(block, x)
+    assert (block(x).double() - ref).abs().max() / ref.abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -168,7 +168,7 @@ class Mamba(nn.Module):
         x = F.silu(conv1d(x)[..., :seqlen])  # causal: keep the first l outputs
         x_dbl = x_proj(x.transpose(1, 2))  # (b, l, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (b, e, l); bias goes to the scan
+        dt = torch.matmul(dt_proj.weight, dt.transpose(1, 2))  # (b, e, l), contiguous; bias goes to the scan
         A = -torch.exp(_at_least_fp32(A_log))  # (e, n)
         return selective_scan(
             x,
@@ -185,7 +185,10 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states):
         """(batch, length, d_model) -> (batch, length, d_model)."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2e, l)
+        # (2e, d) @ (b, d, l): channel-first and contiguous, as the scan reads it (mamba_ssm does the same)
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2e, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
         x, z = xz.chunk(2, dim=1)
         y = self._ssm(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if self.bidirectional:
