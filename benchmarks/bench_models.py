@@ -1,15 +1,16 @@
 """CPU inference time and peak memory of every bundled separator against the input length.
 
     python benchmarks/bench_models.py [--lengths 1 5 10 30 60] [--models umamba sudormrf ...]
-                                      [--threads 2] [--max-seconds sepformer=30 ...] [--out DIR]
+                                      [--threads 2] [--repeats 1] [--max-seconds sepformer=30 ...]
+                                      [--out DIR]
 
 For each model (``hparams/<model>.yaml``, random weights) and each length, a fresh subprocess
 (``umamba.compare.measure_cost``) builds the model, counts its MACs and times one forward pass of
-batch 1 after a warm-up, with ``--threads`` torch threads; it reports:
+batch 1 after a warm-up (the fastest of ``--repeats``), with ``--threads`` torch threads; it reports:
 
 - ``time s`` and ``RTF``: the forward pass's wall time, and that time / the input duration;
 - ``peak RSS``: the subprocess's peak resident memory during the forward passes (imports and
-  weights included; ``model MiB`` is the resident memory before them);
+  weights included; ``model_rss_mib`` in the CSV is the resident memory before them);
 - ratios to U-Mamba-Net at the same length.
 
 ``--max-seconds MODEL=S`` skips the lengths above ``S`` for that model (noted in the table and
@@ -45,7 +46,7 @@ def _max_seconds(pairs: list[str], models) -> dict:
     return limits
 
 
-def benchmark(models, lengths, threads: int, max_seconds: dict) -> list[dict]:
+def benchmark(models, lengths, threads: int, max_seconds: dict, repeats: int = 1) -> list[dict]:
     """One row per model and length (see ``FIELDS``); ratios filled in once U-Mamba-Net is measured."""
     rows = []
     for model, seconds in tqdm([(m, s) for m in models for s in lengths], desc="benchmark"):
@@ -55,7 +56,7 @@ def benchmark(models, lengths, threads: int, max_seconds: dict) -> list[dict]:
             rows.append(row)
             continue
         try:
-            cost = measure_cost(os.path.join(PACKAGE_ROOT, "hparams", f"{model}.yaml"), seconds, threads)
+            cost = measure_cost(os.path.join(PACKAGE_ROOT, "hparams", f"{model}.yaml"), seconds, threads, repeats)
         except CostMeasurementError as error:
             row.update(status="failed", note=str(error).splitlines()[0])
             rows.append(row)
@@ -117,11 +118,13 @@ def main():
                         help="input lengths in seconds")
     parser.add_argument("--models", nargs="+", default=list(BUNDLED_MODELS), choices=BUNDLED_MODELS)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of each measurement")
+    parser.add_argument("--repeats", type=int, default=1, help="timed forward passes; the fastest is reported")
     parser.add_argument("--max-seconds", nargs="*", default=[], metavar="MODEL=SECONDS",
                         help="skip the lengths above SECONDS for MODEL")
     parser.add_argument("--out", default=os.path.join("results", "bench_models"), help="folder of the CSV and plot")
     args = parser.parse_args()
-    rows = benchmark(args.models, args.lengths, args.threads, _max_seconds(args.max_seconds, args.models))
+    rows = benchmark(args.models, args.lengths, args.threads, _max_seconds(args.max_seconds, args.models),
+                     args.repeats)
     print_table(rows, args.threads)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_models.csv")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m umamba.compare RUN_DIR [RUN_DIR ...] [--out DIR] [--seconds 10] [--threads 2]
+    python -m umamba.compare RUN_DIR [RUN_DIR ...] [--out DIR] [--seconds 10] [--threads 2] [--repeats 1]
     python -m umamba.compare --demo [--budget-minutes 2] [--models umamba sepformer ...] [--out DIR]
                              [--key value ...]   # passed to train.py, e.g. --demo_n_train 24
 
@@ -13,7 +13,8 @@ run's own model (its ``hyperparams.yaml``, random weights: cost does not depend 
 a fresh subprocess with ``--threads`` torch threads on ``--seconds`` of random audio:
 
 - parameters, and GMAC per second of audio (counted by :mod:`umamba.complexity`);
-- real-time factor: wall time of one forward pass (after a warm-up) / audio duration;
+- real-time factor: wall time of a forward pass (after a warm-up; the fastest of ``--repeats``)
+  / audio duration;
 - peak RSS: the subprocess's peak resident memory during the forward passes (Linux ``VmHWM``,
   reset once the model is built): imports and weights included, i.e. what separating needs.
 
@@ -160,7 +161,7 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _measure_here(hparams_file: str, seconds: float, threads: int, overrides: dict) -> dict:
+def _measure_here(hparams_file: str, seconds: float, threads: int, repeats: int, overrides: dict) -> dict:
     """The subprocess side of :func:`measure_cost`."""
     from umamba.complexity import load_separator, measure
 
@@ -175,7 +176,7 @@ def _measure_here(hparams_file: str, seconds: float, threads: int, overrides: di
     model_rss = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
         f.write("5")  # resets VmHWM to the current RSS: the peak below is the forward passes'
-    cost = measure(separator, sample_rate, seconds, threads)
+    cost = measure(separator, sample_rate, seconds, threads, repeats)
     return {
         "model": model_name(separator.masknet),
         "sample_rate": sample_rate,
@@ -209,17 +210,19 @@ def _subprocess_env(threads: int) -> dict:
     }
 
 
-def measure_cost(hparams_file: str, seconds: float = 10.0, threads: int = 2, overrides: dict | None = None) -> dict:
+def measure_cost(hparams_file: str, seconds: float = 10.0, threads: int = 2, repeats: int = 1,
+                 overrides: dict | None = None) -> dict:
     """Cost of the yaml's separator on ``seconds`` of audio, measured in a fresh subprocess.
 
     Returns a dict: ``model`` (see :func:`model_name`), ``sample_rate``, ``scan_backend`` (None
-    without Mamba), ``params``, ``gmac_per_second``, ``cpu_time`` (s, one forward pass after a
-    warm-up), ``real_time_factor``, ``threads``, ``model_rss_mib`` (resident memory once the model
-    is built) and ``peak_rss_mib`` (peak resident memory during the forward passes, the model
-    included). When numba's CPU scan cannot be imported, a yaml with ``scan_backend`` is measured
-    with the pure PyTorch scan.
+    without Mamba), ``params``, ``gmac_per_second``, ``cpu_time`` (s, the fastest of ``repeats``
+    forward passes after a warm-up), ``real_time_factor``, ``threads``, ``model_rss_mib``
+    (resident memory once the model is built) and ``peak_rss_mib`` (peak resident memory during
+    the forward passes, the model included). When numba's CPU scan cannot be imported, a yaml
+    with ``scan_backend`` is measured with the pure PyTorch scan.
     """
-    spec = {"hparams_file": hparams_file, "seconds": seconds, "threads": threads, "overrides": overrides or {}}
+    spec = {"hparams_file": hparams_file, "seconds": seconds, "threads": threads, "repeats": repeats,
+            "overrides": overrides or {}}
     proc = subprocess.run([sys.executable, "-m", "umamba.compare", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=_subprocess_env(threads))
     if proc.returncode != 0:
@@ -245,7 +248,7 @@ class RunResult:
         return self.cost["model"]
 
 
-def collect_run(run_dir: str, seconds: float = 10.0, threads: int = 2) -> RunResult:
+def collect_run(run_dir: str, seconds: float = 10.0, threads: int = 2, repeats: int = 1) -> RunResult:
     """Reads a finished run's scores and measures its model (see :func:`measure_cost`)."""
     hparams_file = os.path.join(run_dir, "hyperparams.yaml")
     summary_csv = os.path.join(run_dir, "test_results", "summary.csv")
@@ -264,7 +267,7 @@ def collect_run(run_dir: str, seconds: float = 10.0, threads: int = 2) -> RunRes
         epochs=trained_epochs(os.path.join(run_dir, "train_log.txt")),
         budget_minutes=float(values.get("train_budget_minutes") or 0),
         scores={key: summary.get(key, math.nan) for key in METRICS},
-        cost=measure_cost(hparams_file, seconds, threads),
+        cost=measure_cost(hparams_file, seconds, threads, repeats),
     )
 
 
@@ -428,6 +431,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.path.join("results", "comparison"), help="folder of the outputs")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio length of the cost measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (measurement and demo training)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed forward passes; the fastest is reported")
     parser.add_argument("--demo", action="store_true", help="train every bundled recipe on the demo corpus first")
     parser.add_argument("--budget-minutes", type=float, default=2.0, help="--demo: training budget per model")
     parser.add_argument("--models", nargs="+", default=list(BUNDLED_MODELS), choices=BUNDLED_MODELS,
@@ -445,7 +449,7 @@ def main(argv=None) -> dict:
         runs = args.runs
         if args.demo:
             runs = train_demo_runs(args.out, args.budget_minutes, args.threads, args.models, train_args)
-        results = [collect_run(run, args.seconds, args.threads) for run in tqdm(runs, desc="measuring")]
+        results = [collect_run(run, args.seconds, args.threads, args.repeats) for run in tqdm(runs, desc="measuring")]
     except (OSError, ValueError, CostMeasurementError, DemoTrainingError) as error:
         raise SystemExit(f"error: {error}") from None
     paths = write_comparison(results, args.out, args.seconds)
