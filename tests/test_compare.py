@@ -102,6 +102,12 @@ def test_run_without_test_results_is_a_clear_error(tmp_path):
         main([str(tmp_path), "--out", str(tmp_path / "out")])
 
 
+def test_demo_refuses_to_resume_an_existing_run(tmp_path):
+    (tmp_path / "umamba" / "save").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["--demo", "--models", "umamba", "--out", str(tmp_path)])
+
+
 def test_read_hparams_values_sees_the_demo_corpus_and_the_model(tmp_path):
     run = make_run(tmp_path / "run", "sepformer")
     values = read_hparams_values(run / "hyperparams.yaml")

@@ -4,7 +4,7 @@ Usage::
 
     python -m umamba.compare RUN_DIR [RUN_DIR ...] [--out DIR] [--seconds 10] [--threads 2] [--repeats 1]
     python -m umamba.compare --demo [--budget-minutes 2] [--models umamba sepformer ...] [--out DIR]
-                             [--key value ...]   # passed to train.py, e.g. --demo_n_train 24
+                             [--train-args "--demo_n_train 24 --demo_seconds 2"]
 
 A run folder is a training run's ``output_folder`` (``train.py`` writes ``hyperparams.yaml``,
 ``train_log.txt`` and ``test_results/summary.csv`` there). For each run, the scores are the means
@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -426,6 +427,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="python -m umamba.compare RUN_DIR [RUN_DIR ...] [options] | --demo [options]",
+        allow_abbrev=False,
     )
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="finished training runs (output folders)")
     parser.add_argument("--out", default=os.path.join("results", "comparison"), help="folder of the outputs")
@@ -436,19 +438,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-minutes", type=float, default=2.0, help="--demo: training budget per model")
     parser.add_argument("--models", nargs="+", default=list(BUNDLED_MODELS), choices=BUNDLED_MODELS,
                         help="--demo: the recipes to train")
+    parser.add_argument("--train-args", default="", help="--demo: train.py options, e.g. \"--demo_n_train 24\"")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args, train_args = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_measure_here(**json.loads(args.child))))
         return {}
-    if train_args and not args.demo:
-        parser.error(f"unrecognized arguments: {' '.join(train_args)} (train.py options go with --demo)")
+    if args.train_args and not args.demo:
+        parser.error("--train-args goes with --demo")
     if args.demo == bool(args.runs):
-        parser.error("give run folders, or --demo (not both)")
+        parser.error("give run folders or --demo (one of the two)")
     try:
         runs = args.runs
         if args.demo:
-            runs = train_demo_runs(args.out, args.budget_minutes, args.threads, args.models, train_args)
+            runs = train_demo_runs(args.out, args.budget_minutes, args.threads, args.models,
+                                   shlex.split(args.train_args))
         results = [collect_run(run, args.seconds, args.threads, args.repeats) for run in tqdm(runs, desc="measuring")]
     except (OSError, ValueError, CostMeasurementError, DemoTrainingError) as error:
         raise SystemExit(f"error: {error}") from None
