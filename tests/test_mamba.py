@@ -197,3 +197,10 @@ def test_backend_is_logged_once(caplog):
         block(torch.randn(1, 5, 8))
     messages = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
     assert messages == ["Mamba selective scan backend: torch (device cpu)"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_first_layout_is_the_same_block(backend):
+    block = _randomise(Mamba(d_model=8, d_state=4, bidirectional=True, backend=backend))
+    x = torch.randn(2, 15, 8)
+    torch.testing.assert_close(block(x.transpose(1, 2), channels_first=True), block(x).transpose(1, 2))

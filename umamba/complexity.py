@@ -9,8 +9,9 @@ Usage::
 
 MACs are counted during one real forward pass by hooks on the layers that do the arithmetic:
 convolutions, transposed convolutions, linear layers, LSTM/GRU/RNN, multi-head attention
-(projections and the two attention products) and the Mamba selective scan itself
-(3 MACs per batch x length x d_inner x d_state and direction: decay, input and read-out).
+(projections and the two attention products) and the Mamba block: its projections and the
+selective scan itself (3 MACs per batch x length x d_inner x d_state and direction: decay, input
+and read-out).
 Norms, activations and element-wise products are not counted (as in the papers' GMAC figures).
 """
 
@@ -54,10 +55,14 @@ def _mha_macs(module, inputs, output):
     return projections + attention
 
 
-def _mamba_scan_macs(module, inputs, output):
-    batch, length, _ = inputs[0].shape
+def _mamba_macs(module, inputs, output):
+    """Mamba's projections (applied as matrix products, so no Linear hook sees them) and its scan."""
+    frames = inputs[0].numel() // module.d_model  # either layout: (b, l, d) or channels-first (b, d, l)
+    e, d, n, r = module.d_inner, module.d_model, module.d_state, module.dt_rank
     directions = 2 if module.bidirectional else 1
-    return 3 * batch * length * module.d_inner * module.d_state * directions
+    shared = frames * d * 2 * e + frames * e * d  # in_proj, out_proj
+    per_direction = frames * e * (r + 2 * n) + frames * r * e + 3 * frames * e * n  # x_proj, dt_proj, scan
+    return shared + directions * per_direction
 
 
 def _layer_macs(module, inputs, output):
@@ -73,7 +78,7 @@ def _layer_macs(module, inputs, output):
     if isinstance(module, nn.MultiheadAttention):
         return _mha_macs(module, inputs, output)
     if isinstance(module, Mamba):
-        return _mamba_scan_macs(module, inputs, output)  # its Linear/Conv1d children count themselves
+        return _mamba_macs(module, inputs, output)  # its conv1d counts itself
     return None
 
 

@@ -27,6 +27,14 @@ import torch.nn.functional as F
 from umamba.mamba.scan import BACKENDS, selective_scan
 
 
+def _project(weight, x):
+    """``weight`` (out, in) applied to channel-first ``x`` (b, in, l) -> (b, out, l), as one bmm.
+
+    (``torch.matmul`` of a matrix by a batch transposes and copies the operands.)
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 def _at_least_fp32(t):
     """The SSM parameters run in float32 (as in mamba_ssm), or float64 when the module is double."""
     return t if t.dtype == torch.float64 else t.float()
@@ -166,16 +174,16 @@ class Mamba(nn.Module):
         """One direction: x, z (b, e, l) -> gated SSM output (b, e, l)."""
         seqlen = x.shape[-1]
         x = F.silu(conv1d(x)[..., :seqlen])  # causal: keep the first l outputs
-        x_dbl = x_proj(x.transpose(1, 2))  # (b, l, r + 2n)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = torch.matmul(dt_proj.weight, dt.transpose(1, 2))  # (b, e, l), contiguous; bias goes to the scan
+        x_dbl = _project(x_proj.weight, x)  # (b, r + 2n, l): x_proj, channel-first
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = _project(dt_proj.weight, dt)  # (b, e, l); its bias goes to the scan
         A = -torch.exp(_at_least_fp32(A_log))  # (e, n)
         return selective_scan(
             x,
             dt,
             A,
-            B.transpose(1, 2),  # (b, n, l)
-            C.transpose(1, 2),
+            B,  # (b, n, l)
+            C,
             _at_least_fp32(D),
             z=z,
             delta_bias=_at_least_fp32(dt_proj.bias),
@@ -183,10 +191,16 @@ class Mamba(nn.Module):
             backend=self.backend,
         )
 
-    def forward(self, hidden_states):
-        """(batch, length, d_model) -> (batch, length, d_model)."""
-        # (2e, d) @ (b, d, l): channel-first and contiguous, as the scan reads it (mamba_ssm does the same)
-        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2e, l)
+    def forward(self, hidden_states, channels_first=False):
+        """(batch, length, d_model) -> (batch, length, d_model).
+
+        With ``channels_first=True``: (batch, d_model, length) -> (batch, d_model, length), the
+        layout of convolutional networks, with no transpose at all. Every projection is then an
+        (out, in) @ (b, in, l) product, so the tensors the scan reads are contiguous (mamba_ssm
+        computes ``xz`` the same way).
+        """
+        x_bdl = hidden_states if channels_first else hidden_states.transpose(1, 2)
+        xz = _project(self.in_proj.weight, x_bdl)  # (b, 2e, l)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         x, z = xz.chunk(2, dim=1)
@@ -196,4 +210,7 @@ class Mamba(nn.Module):
                 x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
             )
             y = 0.5 * (y + y_b.flip(-1))
-        return self.out_proj(y.transpose(1, 2))
+        out = _project(self.out_proj.weight, y)  # (b, d, l)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None]
+        return out if channels_first else out.transpose(1, 2)

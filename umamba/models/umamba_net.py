@@ -128,8 +128,8 @@ class MambaLayer(nn.Module):
 
     def forward(self, x):
         """[B, F, L] -> [B, F, L]."""
-        h = x.transpose(1, 2)  # [B, L, F]
-        return x + self.mamba(self.norm(h)).transpose(1, 2)
+        h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # LayerNorm over F for each frame
+        return x + self.mamba(h, channels_first=True)
 
 
 MASK_ACTIVATIONS = {
