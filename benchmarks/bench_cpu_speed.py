@@ -23,18 +23,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from umamba.complexity import load_separator
+from umamba.complexity import best_time, load_separator
 from umamba.mamba.scan import cpu_kernel_available
 from umamba.models.umamba_net import MambaLayer, UBlock
-
-
-def best_time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def inference_time(separator, mix, repeats):

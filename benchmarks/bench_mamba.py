@@ -12,11 +12,11 @@ pass/fail (these machines are shared and noisy).
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from umamba.complexity import best_time
 from umamba.mamba import Mamba
 from umamba.mamba import scan as scan_module
 from umamba.mamba.scan import cpu_kernel_available
@@ -37,15 +37,6 @@ def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
     return y * F.silu(z)
 
 
-def timed(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def bench(block, x, repeats):
     """Best-of forward time and forward+backward time."""
     x = x.clone().requires_grad_(True)
@@ -59,7 +50,7 @@ def bench(block, x, repeats):
         block(x).sum().backward()
 
     forward()  # warm-up (numba compilation, allocator)
-    return timed(forward, repeats), timed(train_step, repeats)
+    return best_time(forward, repeats), best_time(train_step, repeats)
 
 
 def main():

@@ -22,7 +22,6 @@ Best of ``--repeats`` runs; figures only, no pass/fail (these machines are share
 
 import argparse
 import math
-import time
 
 import numba
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from numba import prange
 
+from umamba.complexity import best_time
 from umamba.mamba import scan_cpu
 from umamba.mamba.scan_cpu import selective_scan_cpu
 
@@ -42,15 +42,6 @@ try:
     from umamba.mamba.scan import selective_scan_torch
 except ImportError:
     selective_scan_torch = None
-
-
-def best_time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def make_inputs(batch, dim, d_state, length, seed=0):

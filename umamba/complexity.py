@@ -139,6 +139,22 @@ class Complexity:
         return self.cpu_time / self.seconds
 
 
+def best_time(fn, repeats: int = 1) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn()``, in seconds (the least disturbed by other load).
+
+    Example
+    -------
+    >>> best_time(lambda: sum(range(10)), repeats=3) < 1.0
+    True
+    """
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure(separator: nn.Module, sample_rate: int, seconds: float = 10.0, threads: int | None = None, repeats=1):
     """Count parameters and MACs and time CPU inference of ``separator`` on ``seconds`` of audio.
 
@@ -155,13 +171,9 @@ def measure(separator: nn.Module, sample_rate: int, seconds: float = 10.0, threa
     try:
         mix = torch.randn(1, int(seconds * sample_rate))
         macs = count_macs(separator, mix)
-        best = float("inf")
         with torch.no_grad():
             separator(mix[:, : sample_rate // 2])  # warm-up (kernel compilation, allocator)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                separator(mix)
-                best = min(best, time.perf_counter() - start)
+            best = best_time(lambda: separator(mix), repeats)
         by_module = {
             name: sum(p.numel() for p in child.parameters()) for name, child in separator.named_children()
         }
