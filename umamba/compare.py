@@ -366,6 +366,7 @@ def plot_comparison(results: list[RunResult], path: str) -> None:
             ax.scatter(gmac, si_snri, marker="*", s=120, facecolors="none", edgecolors="black")
             ax.annotate(f"{name} (paper)", (gmac, si_snri), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.2)  # room for the labels
     ax.set_xlabel("GMAC per second of audio (log scale)")
     ax.set_ylabel("SI-SNRi (dB)")
     title = "SI-SNRi against compute (marker area: parameters)"
