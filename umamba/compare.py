@@ -312,8 +312,8 @@ def comparison_markdown(results: list[RunResult], seconds: float) -> str:
     threads = results[0].cost["threads"]
     lines = ["# Separation models compared", "", _data_line(results), ""]
     if len(budgets) == 1 and budgets != {0.0}:
-        lines += [f"Training: the same budget for every model, {budgets.pop():g} CPU minutes "
-                  "(`train_budget_minutes`: training stops after the epoch that spends it).", ""]
+        lines += [f"Training: the same budget for every model, {budgets.pop():g} minutes (`train_budget_minutes`), "
+                  "a lower bound: training stops after the epoch that spends it (see the epochs column).", ""]
     lines += [
         f"Cost: measured on {seconds:g} s of random audio, batch 1, {threads} torch threads, each model in a "
         "fresh subprocess (`python -m umamba.compare`). GMAC/s: multiply-accumulates per second of audio "
