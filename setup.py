@@ -20,6 +20,7 @@ setup(
         "speechbrain>=1.1.2",
         "hyperpyyaml>=1.2",
         "ruamel.yaml>=0.17",
+        "PyYAML>=6.0",
         "numpy>=1.26",
         "scipy>=1.11",
         "soundfile>=0.12",

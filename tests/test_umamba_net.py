@@ -97,6 +97,8 @@ def test_count_macs_against_hand_formula():
     assert count_macs(conv, x) == 2 * 6 * 8 * (4 // 2) * 3
     tconv = nn.ConvTranspose1d(6, 1, kernel_size=5, stride=2)
     assert count_macs(tconv, torch.randn(1, 6, 7)) == 6 * 7 * 1 * 5
+    conv2d = nn.Conv2d(4, 6, kernel_size=(1, 3))
+    assert count_macs(conv2d, torch.randn(1, 4, 2, 10)) == 6 * 2 * 8 * 4 * 3
     lstm = nn.LSTM(3, 5, batch_first=True, bidirectional=True)
     assert count_macs(lstm, torch.randn(2, 7, 3)) == 2 * 7 * 2 * 4 * 5 * (3 + 5)
 

@@ -17,6 +17,7 @@ Norms, activations and element-wise products are not counted (as in the papers' 
 
 import argparse
 import dataclasses
+import math
 import sys
 import tempfile
 import time
@@ -67,8 +68,8 @@ def _mamba_macs(module, inputs, output):
 
 def _layer_macs(module, inputs, output):
     """MACs of one call of ``module``, or None for layers that are not counted."""
-    if isinstance(module, nn.Conv1d):
-        return output.numel() * (module.in_channels // module.groups) * module.kernel_size[0]
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.ConvTranspose1d):
         return inputs[0].numel() * (module.out_channels // module.groups) * module.kernel_size[0]
     if isinstance(module, nn.Linear):
