@@ -32,12 +32,9 @@ from umamba.evaluation import EvaluationReport
 from umamba.export import export_model
 from umamba.inference import UMambaSeparation
 from umamba.metrics import evaluate_utterance, si_snr
+from helpers import REPO, TINY_UMAMBA
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = {
-    "N_encoder_out": 32, "F": 16, "hidden_channels": 32, "num_blocks": 2, "upsampling_depth": 3, "d_state": 4,
-    "scan_backend": "torch",
-}
+TINY_MODEL = {**TINY_UMAMBA, "scan_backend": "torch"}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from umamba.compare import read_hparams_values
+from helpers import REPO, TINY_UMAMBA, as_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("umamba", "sudormrf", "sepformer", "dprnn", "convtasnet")
 RECIPE_MARKER = "# ################################ recipe ##################################"
 SHARED_TOP_KEYS = ("seed", "__set_seed", "sample_rate", "num_spks")
@@ -112,10 +112,8 @@ def test_sudormrf_is_umamba_without_mamba():
 # ------------------------------------------------------------------ debug runs through train.py ----
 
 TINY_MODELS = {
-    "umamba": ["--N_encoder_out", "32", "--F", "16", "--hidden_channels", "32", "--num_blocks", "2",
-               "--upsampling_depth", "3", "--d_state", "4"],
-    "sudormrf": ["--N_encoder_out", "32", "--F", "16", "--hidden_channels", "32", "--num_blocks", "2",
-                 "--upsampling_depth", "3"],
+    "umamba": as_cli(TINY_UMAMBA),
+    "sudormrf": as_cli(TINY_UMAMBA),
     "sepformer": ["--N_encoder_out", "16", "--out_channels", "16", "--num_dual_path_layers", "1",
                   "--transformer_layers", "1", "--nhead", "2", "--d_ffn", "32", "--K", "20"],
     "dprnn": ["--N_encoder_out", "16", "--out_channels", "16", "--num_dual_path_layers", "1", "--K", "20"],

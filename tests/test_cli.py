@@ -14,12 +14,9 @@ from umamba.cli import main, output_names
 from umamba.data.audio import audio_info, read_audio, write_audio
 from umamba.export import export_model
 from umamba.inference import UMambaSeparation
+from helpers import REPO, TINY_UMAMBA
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = {
-    "N_encoder_out": 32, "F": 16, "hidden_channels": 32, "num_blocks": 2, "upsampling_depth": 3, "d_state": 4,
-    "scan_backend": "torch",
-}
+TINY_MODEL = {**TINY_UMAMBA, "scan_backend": "torch"}
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ import sys
 import torch
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = [
-    "--N_encoder_out", "32", "--F", "16", "--hidden_channels", "32", "--num_blocks", "2",
-    "--upsampling_depth", "3", "--d_state", "4",
-]
+from helpers import REPO, TINY_UMAMBA, as_cli
+
+TINY_MODEL = as_cli(TINY_UMAMBA)
 MIXTURES_PER_EPOCH = 8
 
 # Runs train.py on one DDP process and records what it did: the dynamic-mixing items it drew (epoch,

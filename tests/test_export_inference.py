@@ -19,14 +19,11 @@ from umamba.export import ExportError, export_model, main as export_main
 from umamba.inference import UMambaSeparation, chunk_bounds, stitch_chunks
 from umamba.metrics import si_snr
 from umamba.models.separator import separate
+from helpers import REPO, TINY_UMAMBA, as_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # As tests/test_recipe.py, with the pure-PyTorch scan (fast for a tiny model, no JIT compilation).
-TINY_MODEL = [
-    "--N_encoder_out", "32", "--F", "16", "--hidden_channels", "32", "--num_blocks", "2",
-    "--upsampling_depth", "3", "--d_state", "4", "--scan_backend", "torch",
-]
+TINY_MODEL = as_cli({**TINY_UMAMBA, "scan_backend": "torch"})
 
 
 @pytest.fixture(scope="module")

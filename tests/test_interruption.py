@@ -12,11 +12,9 @@ import pytest
 import torch
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = [
-    "--N_encoder_out", "32", "--F", "16", "--hidden_channels", "32", "--num_blocks", "2",
-    "--upsampling_depth", "3", "--d_state", "4",
-]
+from helpers import REPO, TINY_UMAMBA, as_cli
+
+TINY_MODEL = as_cli(TINY_UMAMBA)
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 8 training mixtures in batches of 2
 
 # Runs train.py, but SIGKILLs the process half-way through writing masknet.ckpt of the second

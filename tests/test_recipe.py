@@ -9,13 +9,10 @@ import sys
 import torch
 
 from umamba.data.audio import audio_info
+from helpers import REPO, TINY_UMAMBA, as_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY_MODEL = [
-    "--N_encoder_out", "32", "--F", "16", "--hidden_channels", "32", "--num_blocks", "2",
-    "--upsampling_depth", "3", "--d_state", "4",
-]
+TINY_MODEL = as_cli(TINY_UMAMBA)
 
 
 def tiny_corpus_args(tmp_path):
