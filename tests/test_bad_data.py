@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hyperpyyaml import load_hyperpyyaml, resolve_references
+from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 
@@ -29,10 +29,9 @@ from umamba.data.demo_corpus import make_demo_corpus
 from umamba.data.dynamic_mixing import DynamicMixingDataset, Utterance, librimix_utterances
 from umamba.data.librimix import LibriMixFormatError, LibriMixNotFoundError, metadata_path, prepare_librimix
 from umamba.evaluation import EvaluationReport
-from umamba.export import export_model
 from umamba.inference import UMambaSeparation
 from umamba.metrics import evaluate_utterance, si_snr
-from helpers import REPO, TINY_UMAMBA
+from helpers import REPO, TINY_UMAMBA, export_untrained_tiny_model
 
 TINY_MODEL = {**TINY_UMAMBA, "scan_backend": "torch"}
 
@@ -281,16 +280,8 @@ def test_evaluation_counts_undefined_metrics_of_a_silent_reference_as_failed(tmp
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """An exported untrained tiny model (as in tests/test_cli.py)."""
-    tmp = tmp_path_factory.mktemp("model")
-    run = tmp / "run"
-    with open(os.path.join(REPO, "hparams", "umamba.yaml"), encoding="utf-8") as f:
-        resolved = resolve_references(f, {"output_folder": str(run), **TINY_MODEL}).getvalue()
-    run.mkdir()
-    (run / "hyperparams.yaml").write_text(resolved)
-    load_hyperpyyaml(resolved)["checkpointer"].save_checkpoint(meta={"neg_si_snr": 0.0})
-    export_model(str(run), str(tmp / "model"))
-    return UMambaSeparation.from_hparams(source=str(tmp / "model"), savedir=None)
+    folder = export_untrained_tiny_model(tmp_path_factory.mktemp("model"))
+    return UMambaSeparation.from_hparams(source=folder, savedir=None)
 
 
 def test_separation_of_stereo_resampled_silent_and_cut_files(model, tmp_path):

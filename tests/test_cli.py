@@ -8,29 +8,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hyperpyyaml import load_hyperpyyaml, resolve_references
 
 from umamba.cli import main, output_names
 from umamba.data.audio import audio_info, read_audio, write_audio
-from umamba.export import export_model
 from umamba.inference import UMambaSeparation
-from helpers import REPO, TINY_UMAMBA
+from helpers import REPO, export_untrained_tiny_model
 
-TINY_MODEL = {**TINY_UMAMBA, "scan_backend": "torch"}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """An exported untrained tiny model: a run folder as train.py leaves it, without the training."""
-    tmp = tmp_path_factory.mktemp("cli")
-    run = tmp / "run"
-    with open(os.path.join(REPO, "hparams", "umamba.yaml"), encoding="utf-8") as f:
-        resolved = resolve_references(f, {"output_folder": str(run), **TINY_MODEL}).getvalue()
-    run.mkdir()
-    (run / "hyperparams.yaml").write_text(resolved)
-    load_hyperpyyaml(resolved)["checkpointer"].save_checkpoint(meta={"neg_si_snr": 0.0})
-    export_model(str(run), str(tmp / "model"))
-    return str(tmp / "model")
+    return export_untrained_tiny_model(tmp_path_factory.mktemp("cli"))
 
 
 def _signal(seconds, seed, sample_rate=8000):
