@@ -9,6 +9,7 @@ from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 from umamba.complexity import count_macs, load_separator
 from umamba.models import Separator
 from umamba.models import UBlock, UMambaMaskNet
+from umamba.models.separator import _decodes_as_matmul
 
 
 def tiny_masknet(**kwargs):
@@ -114,3 +115,35 @@ def test_default_model_fits_the_paper_budget():
     # The Mamba layers are counted, the scan included: without them the model costs clearly less.
     separator_nomamba, _ = load_separator("hparams/umamba.yaml", {"use_mamba": False})
     assert count_macs(separator_nomamba, torch.randn(1, sample_rate)) < 0.7 * macs
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decoder_as_matmul_equals_the_transposed_conv(batch, bias):
+    """separate() decodes all sources with one matmul + overlap-add: same values and gradients."""
+    torch.manual_seed(0)
+    encoder = Encoder(kernel_size=16, out_channels=32)
+    decoder = Decoder(in_channels=32, out_channels=1, kernel_size=16, stride=8, bias=bias)
+    if bias:
+        nn.init.normal_(decoder.bias)
+    sep = Separator(encoder, tiny_masknet(num_spks=3), decoder)
+    mix = torch.randn(batch, 803)
+
+    def run():
+        sep.zero_grad()
+        est = sep(mix)
+        est.pow(2).sum().backward()
+        return est.detach(), [p.grad.clone() for p in sep.parameters()]
+
+    assert _decodes_as_matmul(decoder)
+    fast, fast_grads = run()
+    handle = decoder.register_forward_hook(lambda *args: None)  # a hooked decoder is called per source
+    try:
+        assert not _decodes_as_matmul(decoder)
+        reference, reference_grads = run()
+    finally:
+        handle.remove()
+    assert fast.shape == reference.shape == (batch, 803, 3)
+    assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
+    for got, want in zip(fast_grads, reference_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
