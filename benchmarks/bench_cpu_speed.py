@@ -14,6 +14,8 @@ Prints, for the default ``hparams/umamba.yaml`` model (random weights, batch 1, 
    PyTorch profiler (goal: the step is dominated by the convolutions, not the scan).
 
 Best of ``--repeats`` runs; figures only, no pass/fail (these machines are shared and noisy).
+Both models run with the allocator setting of ``umamba-separate`` (freed memory kept for reuse,
+``umamba.allocator``); ``--default-malloc`` measures them with glibc's defaults instead.
 """
 
 import argparse
@@ -23,6 +25,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from umamba.allocator import keep_freed_memory
 from umamba.complexity import best_time, load_separator
 from umamba.mamba.scan import cpu_kernel_available
 from umamba.models.umamba_net import MambaLayer, UBlock
@@ -105,12 +108,17 @@ def main():
     parser.add_argument("--train-seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (by default the benchmark, like umamba-separate, "
+                             "calls umamba.allocator.keep_freed_memory)")
     args = parser.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sample_rate = 8000
     mix = torch.randn(1, int(args.seconds * sample_rate))
-    print(f"{args.seconds:g} s of 8 kHz audio, batch 1, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{args.seconds:g} s of 8 kHz audio, batch 1, {torch.get_num_threads()} threads, best of {args.repeats}; "
+          f"malloc {'keeps freed memory' if kept else 'as default'} (both models)")
 
     backends = (["cpu"] if cpu_kernel_available() else []) + ["torch"]
     times = {}

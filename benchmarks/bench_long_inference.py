@@ -75,9 +75,11 @@ def child(model_dir: str, wav: str, out_dir: str, chunk_seconds: float, overlap_
     start = time.perf_counter()
     import torch
 
+    from umamba.allocator import keep_freed_memory
     from umamba.data.audio import write_audio
     from umamba.inference import UMambaSeparation
 
+    keep_freed_memory()  # as umamba-separate does
     model = UMambaSeparation.from_hparams(source=model_dir)
     load = time.perf_counter() - start
     warm = os.path.join(out_dir, "warm-up.wav")

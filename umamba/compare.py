@@ -43,6 +43,8 @@ import tempfile
 import yaml
 from tqdm import tqdm
 
+from umamba.allocator import keep_freed_memory
+
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_MODELS = ("umamba", "sudormrf", "sepformer", "dprnn", "convtasnet")
 """The recipes in ``hparams/`` (``hparams/<name>.yaml``), U-Mamba-Net first."""
@@ -443,6 +445,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
+        keep_freed_memory()  # time the models as umamba-separate runs them
         print(json.dumps(_measure_here(**json.loads(args.child))))
         return {}
     if args.train_args and not args.demo:
