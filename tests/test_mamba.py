@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from umamba.mamba import Mamba, resolve_backend
+from umamba.mamba import Mamba, conv_cpu, resolve_backend
 from umamba.mamba.scan import cpu_kernel_available
 
 BACKENDS = ["torch"] + (["cpu"] if cpu_kernel_available() else [])
@@ -204,3 +204,22 @@ def test_channels_first_layout_is_the_same_block(backend):
     block = _randomise(Mamba(d_model=8, d_state=4, bidirectional=True, backend=backend))
     x = torch.randn(2, 15, 8)
     torch.testing.assert_close(block(x.transpose(1, 2), channels_first=True), block(x).transpose(1, 2))
+
+
+@pytest.mark.skipif(conv_cpu.numba is None, reason="numba not importable")
+@pytest.mark.parametrize("length", [1, 3, 7, 1001])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_inference_conv_path_matches_reference(length, bidirectional):
+    """Without gradients the causal conv + SiLU run as one numba pass: same block, same outputs."""
+    block = _randomise(Mamba(d_model=12, d_state=5, d_conv=4, bidirectional=bidirectional, backend=BACKENDS[-1]))
+    x = torch.randn(3, length, 12)
+    ref = reference_output(block, x)
+    with torch.no_grad():
+        assert conv_cpu.applies(block.conv1d, torch.randn(3, 24, length))
+        out = block(x)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-5
+    assert not conv_cpu.applies(block.conv1d, torch.randn(3, 24, length))  # weights need gradients
+    with torch.no_grad():
+        handle = block.conv1d.register_forward_hook(lambda *args: None)
+        assert not conv_cpu.applies(block.conv1d, torch.randn(3, 24, length))  # hooks see the module
+        handle.remove()

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from umamba.mamba import conv_cpu
 from umamba.mamba.scan import BACKENDS, selective_scan
 
 
@@ -172,8 +173,10 @@ class Mamba(nn.Module):
 
     def _ssm(self, x, z, conv1d, x_proj, dt_proj, A_log, D):
         """One direction: x, z (b, e, l) -> gated SSM output (b, e, l)."""
-        seqlen = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :seqlen])  # causal: keep the first l outputs
+        if conv_cpu.applies(conv1d, x):  # CPU inference: one fused pass
+            x = conv_cpu.causal_conv1d_silu(x, conv1d.weight, conv1d.bias)
+        else:
+            x = F.silu(conv1d(x)[..., : x.shape[-1]])  # causal: keep the first l outputs
         x_dbl = _project(x_proj.weight, x)  # (b, r + 2n, l): x_proj, channel-first
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dt = _project(dt_proj.weight, dt)  # (b, e, l); its bias goes to the scan
