@@ -1,0 +1,159 @@
+"""The fused CPU U-block's numba kernels against PyTorch.
+
+The first run compiles the kernels (float32 and float64): some seconds; numba caches them in
+``umamba/models/__pycache__`` for later runs.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ublock_cpu = pytest.importorskip("umamba.models.ublock_cpu")
+if ublock_cpu.numba is None:
+    pytest.skip("numba is not installed", allow_module_level=True)
+
+from umamba.models.ublock_cpu import (  # noqa: E402
+    affine_prelu_,
+    channel_stats,
+    depthwise_conv,
+    group_norm_affine,
+    upsample_add_,
+)
+
+
+def assert_close(actual, expected, rtol=1e-4, atol=1e-5):
+    """Elementwise close, with ``atol`` relative to the scale of ``expected``."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol * max(scale, 1e-30))
+
+
+def reference_stats(x):
+    """Per-row (mean, sum of squared deviations) in float64."""
+    x = torch.as_tensor(x).double()
+    mean = x.mean(-1)
+    return torch.stack([mean, ((x - mean[..., None]) ** 2).sum(-1)], dim=-1)
+
+
+def random_affine(batch, channels, dtype=np.float32, generator=None):
+    rng = np.random.default_rng(0 if generator is None else generator)
+    return (rng.uniform(0.5, 2.0, (batch, channels)).astype(dtype), rng.normal(0, 1, (batch, channels)).astype(dtype))
+
+
+def torch_affine_prelu(x, scale, shift, alpha):
+    y = torch.as_tensor(x) * torch.as_tensor(scale)[..., None] + torch.as_tensor(shift)[..., None]
+    return torch.where(y > 0, y, torch.as_tensor(alpha, dtype=y.dtype).reshape(-1, 1) * y)
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 2, 7, 511, 512, 513, 1300])
+def test_channel_stats(dtype, length):
+    x = np.random.default_rng(length).normal(3.0, 2.0, (2, 5, length)).astype(dtype)
+    assert_close(channel_stats(x), reference_stats(x), rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_keeps_precision_with_a_large_mean():
+    """A mean 1e4 times the standard deviation: a float32 sum of squares would lose every digit."""
+    x = np.random.default_rng(0).normal(0, 1, (2, 6, 3000)) + 1e4
+    gamma, beta = np.linspace(0.5, 2, 6), np.linspace(-1, 1, 6)
+    x32 = x.astype(np.float32)
+    expected = F.group_norm(torch.from_numpy(x32).double(), 1, torch.from_numpy(gamma), torch.from_numpy(beta), 1e-8)
+    assert_close(channel_stats(x32), reference_stats(x32), rtol=1e-6, atol=0)
+    scale, shift = group_norm_affine(channel_stats(x32), 3000, gamma, beta, 1e-8)
+    affine_prelu_(x32, scale, shift)
+    # x * scale + shift rounds to float32 near 2e4, within 2e-3; the statistics lose no more.
+    torch.testing.assert_close(torch.from_numpy(x32).double(), expected, rtol=0, atol=4e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("alpha", ["none", "scalar", "per_channel"])
+@pytest.mark.parametrize("length", [1, 3, 600])
+def test_group_norm_prelu_in_place(dtype, alpha, length):
+    channels = 7
+    rng = np.random.default_rng(length)
+    x = rng.normal(0.5, 3.0, (3, channels, length)).astype(dtype)
+    gamma, beta = rng.normal(1, 0.5, channels), rng.normal(0, 1, channels)
+    weight = {"none": None, "scalar": 0.3, "per_channel": rng.normal(0, 1, channels)}[alpha]
+    expected = F.group_norm(torch.from_numpy(x).double(), 1, torch.from_numpy(gamma), torch.from_numpy(beta), 1e-8)
+    if weight is not None:
+        expected = F.prelu(expected, torch.as_tensor(weight, dtype=torch.float64).reshape(-1))
+    scale, shift = group_norm_affine(channel_stats(x), length, gamma, beta, 1e-8, dtype=dtype)
+    stats = affine_prelu_(x, scale, shift, weight, with_stats=True)
+    assert x.dtype == dtype
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert_close(x, expected, rtol=tol, atol=tol)
+    assert_close(stats, reference_stats(expected), rtol=tol, atol=tol)
+    assert affine_prelu_(x, scale, shift) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5, 7])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("length", [1, 2, 3, 8, 1031])
+def test_depthwise_conv(dtype, kernel_size, stride, length):
+    channels, padding = 5, kernel_size // 2
+    rng = np.random.default_rng(kernel_size * 100 + length)
+    x = rng.normal(0, 1, (2, channels, length)).astype(dtype)
+    weight = rng.normal(0, 1, (channels, 1, kernel_size)).astype(dtype)
+    bias = rng.normal(0, 1, channels).astype(dtype)
+    scale, shift = random_affine(2, channels, dtype, kernel_size)
+    alpha = rng.normal(0, 1, channels).astype(dtype)
+    mapped = torch_affine_prelu(x, scale, shift, alpha)
+    expected = F.conv1d(mapped, torch.from_numpy(weight), torch.from_numpy(bias), stride, padding, groups=channels)
+    out, stats = depthwise_conv(x, weight, bias, stride, padding, scale, shift, alpha)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert out.shape == tuple(expected.shape)
+    assert_close(out, expected, rtol=tol, atol=tol)
+    assert_close(stats, reference_stats(expected), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("length", [1, 6, 1001])
+def test_depthwise_conv_without_padding_and_in_place(length):
+    x = np.random.default_rng(length).normal(0, 1, (1, 3, length + 4)).astype(np.float32)
+    weight, bias = np.full((3, 5), 0.2, np.float32), np.arange(3, dtype=np.float32)
+    expected = F.conv1d(torch.from_numpy(x), torch.from_numpy(weight)[:, None], torch.from_numpy(bias), groups=3)
+    out, _ = depthwise_conv(x, weight, bias)  # no affine map, no padding
+    assert_close(out, expected)
+    same = x.copy()
+    out, _ = depthwise_conv(same, weight, bias, padding=2, out=same)  # stride 1, "same" length: in place
+    assert out is same
+    assert_close(same, F.conv1d(torch.from_numpy(x), torch.from_numpy(weight)[:, None], torch.from_numpy(bias),
+                                padding=2, groups=3))
+    with pytest.raises(ValueError, match="out must be"):
+        depthwise_conv(x, weight, bias, out=np.empty_like(x))
+
+
+def test_defaults_without_affine_parameters_or_bias():
+    x = np.random.default_rng(0).normal(2, 3, (2, 4, 30)).astype(np.float32)
+    scale, shift = group_norm_affine(channel_stats(x), 30, None, None, 1e-5)  # GroupNorm(affine=False)
+    expected = F.group_norm(torch.from_numpy(x), 1, eps=1e-5)
+    assert_close(torch_affine_prelu(x, scale, shift, 1.0), expected)
+    weight = np.random.default_rng(1).normal(0, 1, (4, 3)).astype(np.float32)
+    out, _ = depthwise_conv(x, weight, None, 2, 1)
+    assert_close(out, F.conv1d(torch.from_numpy(x), torch.from_numpy(weight)[:, None], None, 2, 1, groups=4))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 512, 513, 1025])
+@pytest.mark.parametrize("affines", [False, True])
+def test_upsample_add(dtype, length, affines):
+    rng = np.random.default_rng(length)
+    skip = rng.normal(0, 1, (2, 4, length)).astype(dtype)
+    coarse = rng.normal(0, 1, (2, 4, (length + 1) // 2)).astype(dtype)
+    skip_affine = random_affine(2, 4, dtype, 1) if affines else None
+    coarse_affine = random_affine(2, 4, dtype, 2) if affines else None
+    ones = np.ones(4, dtype)
+    s, c = torch.from_numpy(skip), torch.from_numpy(coarse)
+    if affines:
+        s, c = torch_affine_prelu(skip, *skip_affine, ones), torch_affine_prelu(coarse, *coarse_affine, ones)
+    expected = s + F.interpolate(c, scale_factor=2.0, mode="nearest")[..., :length]
+    stats = upsample_add_(skip, coarse, skip_affine, coarse_affine)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert_close(skip, expected, rtol=tol, atol=tol)
+    assert_close(stats, reference_stats(expected), rtol=tol * 10, atol=tol * 10)
+    with pytest.raises(ValueError, match="coarse must be"):
+        upsample_add_(skip, np.zeros((2, 4, length + 2), dtype))
