@@ -1,4 +1,4 @@
-"""The fused CPU U-block's numba kernels against PyTorch.
+"""The fused CPU U-block (numba kernels) against PyTorch: each kernel, the whole block, and when it runs.
 
 The first run compiles the kernels (float32 and float64): some seconds; numba caches them in
 ``umamba/models/__pycache__`` for later runs.
@@ -7,17 +7,21 @@ The first run compiles the kernels (float32 and float64): some seconds; numba ca
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 ublock_cpu = pytest.importorskip("umamba.models.ublock_cpu")
 if ublock_cpu.numba is None:
     pytest.skip("numba is not installed", allow_module_level=True)
 
+from umamba.complexity import count_macs  # noqa: E402
+from umamba.models import UBlock  # noqa: E402
 from umamba.models.ublock_cpu import (  # noqa: E402
     affine_prelu_,
     channel_stats,
     depthwise_conv,
     group_norm_affine,
+    module_path,
     upsample_add_,
 )
 
@@ -157,3 +161,125 @@ def test_upsample_add(dtype, length, affines):
     assert_close(stats, reference_stats(expected), rtol=tol * 10, atol=tol * 10)
     with pytest.raises(ValueError, match="coarse must be"):
         upsample_add_(skip, np.zeros((2, 4, length + 2), dtype))
+
+
+# --- the U-block --------------------------------------------------------------------------------
+
+
+def randomised_block(channels, hidden, depth, kernel_size, per_channel_prelu, seed=0):
+    """A UBlock whose every parameter is random: non-trivial gLN gains and biases, PReLU slopes, conv biases."""
+    torch.manual_seed(seed)
+    block = UBlock(channels, hidden, depth, kernel_size)
+    if per_channel_prelu:
+        block.proj_in[2] = nn.PReLU(hidden)
+        block.proj_out[1] = nn.PReLU(hidden)
+    with torch.no_grad():
+        for module in block.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.normal_(1.0, 0.5)
+                module.bias.normal_(0.0, 0.5)
+            elif isinstance(module, nn.PReLU):
+                module.weight.uniform_(-0.5, 0.8)
+            elif isinstance(module, nn.Conv1d):
+                module.bias.normal_(0.0, 0.5)
+    return block.eval()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused path."""
+    calls = []
+    inner = ublock_cpu.ublock_inner
+
+    def counting(block, a):
+        calls.append(a.shape)
+        return inner(block, a)
+
+    monkeypatch.setattr(ublock_cpu, "ublock_inner", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 64, 1001])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_block_matches_modules(batch, length, depth, kernel_size, fused_calls):
+    per_channel = (length + depth) % 2 == 0  # both PReLU kinds, over the grid
+    block = randomised_block(6, 20, depth, kernel_size, per_channel, seed=length * 10 + depth)
+    x = torch.randn(batch, 6, length) * 2 + 0.5
+    with torch.no_grad():
+        with module_path():
+            expected = block(x)
+        assert not fused_calls
+        actual = block(x)
+    assert fused_calls == [(batch, 20, length)]
+    assert_close(actual - x, expected - x)
+
+
+def test_fused_block_default_size():
+    block = randomised_block(128, 512, 4, 5, per_channel_prelu=False)
+    x = torch.randn(1, 128, 2000)
+    with torch.inference_mode():
+        actual = block(x)
+        with module_path():
+            expected = block(x)
+    assert_close(actual - x, expected - x)
+
+
+def test_module_path_when_a_gradient_is_needed(fused_calls):
+    block = randomised_block(4, 12, 3, 5, per_channel_prelu=True)
+    x = torch.randn(2, 4, 9, requires_grad=True)
+    block(x).sum().backward()  # parameters and input need gradients
+    assert x.grad is not None and block.down[1][0].weight.grad is not None
+    block.requires_grad_(False)
+    assert block(x).grad_fn is not None  # the input still needs one
+    assert not fused_calls
+    block(x.detach())  # nothing needs a gradient
+    with torch.no_grad():
+        block(x)
+    assert len(fused_calls) == 2
+
+
+def test_module_path_for_other_inputs_and_blocks(fused_calls):
+    with torch.no_grad():
+        UBlock(4, 12, 3, upsampling="linear")(torch.randn(1, 4, 9))
+        UBlock(4, 12, 3).double()(torch.randn(1, 4, 9, dtype=torch.float64))
+    assert not fused_calls
+
+
+def test_module_path_switch(fused_calls):
+    block = UBlock(4, 12, 3).eval()
+    x = torch.randn(1, 4, 9)
+    assert ublock_cpu.is_enabled()
+    with torch.no_grad():
+        with module_path():
+            with module_path():
+                block(x)
+            assert not ublock_cpu.is_enabled()
+            block(x)
+        assert not fused_calls
+        assert ublock_cpu.is_enabled()
+        block(x)
+    assert len(fused_calls) == 1
+
+
+def test_module_path_when_a_bypassed_module_has_a_hook(fused_calls):
+    block = UBlock(4, 12, 3).eval()
+    seen = []
+    handle = block.down[2][1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        block(torch.randn(1, 4, 9))
+        assert seen == [(1, 12, 3)] and not fused_calls
+        handle.remove()
+        block.register_forward_hook(lambda module, args, output: seen.append(output.shape))  # the block's own
+        block(torch.randn(1, 4, 9))
+    assert len(fused_calls) == 1 and seen[-1] == (1, 4, 9)
+
+
+def test_count_macs_sees_every_convolution_of_the_block(fused_calls):
+    channels, hidden, depth, kernel_size, length = 4, 12, 3, 5, 21
+    block = UBlock(channels, hidden, depth, kernel_size).eval()
+    levels = [21, 11, 6]  # stride 1, then 2
+    expected = 2 * length * channels * hidden + sum(hidden * n * kernel_size for n in levels)
+    assert count_macs(block, torch.randn(1, channels, length)) == expected
+    assert not fused_calls

@@ -29,6 +29,7 @@ from hyperpyyaml import load_hyperpyyaml
 
 from umamba.mamba import Mamba
 from umamba.models.separator import Separator
+from umamba.models.ublock_cpu import module_path
 
 TRIPLET = ("Encoder", "MaskNet", "Decoder")
 
@@ -103,7 +104,7 @@ def count_macs(model: nn.Module, *inputs) -> int:
     skip = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) not in skip]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_path():  # the fused CPU U-block would bypass the conv hooks
             model(*inputs)
     finally:
         for handle in handles:

@@ -48,6 +48,12 @@ class UBlock(nn.Module):
     upsampling : str
         "nearest", "linear" or "transposed" (a learned depthwise transposed convolution).
 
+    CPU float32 inference with nearest up-sampling runs everything between the two 1x1
+    convolutions in fused numba kernels (:mod:`umamba.models.ublock_cpu`), unless numba is
+    missing, :func:`umamba.models.ublock_cpu.module_path` is in force or a sub-module has a
+    forward hook; the results are the same up to float32 rounding. Otherwise, and whenever a
+    gradient is needed, the modules run.
+
     Example
     -------
     >>> block = UBlock(channels=8, hidden=16, depth=3)
@@ -92,8 +98,29 @@ class UBlock(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode=self.upsampling)
         return x[..., :length]
 
+    def _fused_cpu(self, x) -> bool:
+        """Whether :meth:`forward` may run :mod:`umamba.models.ublock_cpu`'s numba kernels on ``x``:
+        CPU float32 inference with nearest up-sampling, outside tracing and compilation, with no
+        hooks on the modules that it bypasses (MAC counters and profilers see them called)."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.upsampling != "nearest":
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):
+            return False
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return False
+        # numba is imported on the first CPU inference
+        from umamba.models import ublock_cpu
+
+        return ublock_cpu.is_enabled()
+
     def forward(self, x):
         """[B, F, L] -> [B, F, L]."""
+        if self._fused_cpu(x):
+            from umamba.models.ublock_cpu import ublock_inner
+
+            return x + self.proj_out[2](ublock_inner(self, self.proj_in[0](x)))
         levels = [self.down[0](self.proj_in(x))]  # [B, H, L]
         for conv in self.down[1:]:
             levels.append(conv(levels[-1]))  # [B, H, ceil(L / 2^k)]
