@@ -17,6 +17,7 @@ if ublock_cpu.numba is None:
 from umamba.complexity import count_macs  # noqa: E402
 from umamba.models import UBlock  # noqa: E402
 from umamba.models.ublock_cpu import (  # noqa: E402
+    TILE,
     affine_prelu_,
     channel_stats,
     depthwise_conv,
@@ -54,7 +55,7 @@ def torch_affine_prelu(x, scale, shift, alpha):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("length", [1, 2, 7, 511, 512, 513, 1300])
+@pytest.mark.parametrize("length", [1, 2, 7, TILE - 1, TILE, TILE + 1, 2 * TILE + 300])
 def test_channel_stats(dtype, length):
     x = np.random.default_rng(length).normal(3.0, 2.0, (2, 5, length)).astype(dtype)
     assert_close(channel_stats(x), reference_stats(x), rtol=1e-5, atol=1e-6)
@@ -62,12 +63,13 @@ def test_channel_stats(dtype, length):
 
 def test_group_norm_keeps_precision_with_a_large_mean():
     """A mean 1e4 times the standard deviation: a float32 sum of squares would lose every digit."""
-    x = np.random.default_rng(0).normal(0, 1, (2, 6, 3000)) + 1e4
+    length = 3 * TILE - 5
+    x = np.random.default_rng(0).normal(0, 1, (2, 6, length)) + 1e4
     gamma, beta = np.linspace(0.5, 2, 6), np.linspace(-1, 1, 6)
     x32 = x.astype(np.float32)
     expected = F.group_norm(torch.from_numpy(x32).double(), 1, torch.from_numpy(gamma), torch.from_numpy(beta), 1e-8)
     assert_close(channel_stats(x32), reference_stats(x32), rtol=1e-6, atol=0)
-    scale, shift = group_norm_affine(channel_stats(x32), 3000, gamma, beta, 1e-8)
+    scale, shift = group_norm_affine(channel_stats(x32), length, gamma, beta, 1e-8)
     affine_prelu_(x32, scale, shift)
     # x * scale + shift rounds to float32 near 2e4, within 2e-3; the statistics lose no more.
     torch.testing.assert_close(torch.from_numpy(x32).double(), expected, rtol=0, atol=4e-3)
@@ -75,7 +77,7 @@ def test_group_norm_keeps_precision_with_a_large_mean():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("alpha", ["none", "scalar", "per_channel"])
-@pytest.mark.parametrize("length", [1, 3, 600])
+@pytest.mark.parametrize("length", [1, 3, TILE + 600])
 def test_group_norm_prelu_in_place(dtype, alpha, length):
     channels = 7
     rng = np.random.default_rng(length)
@@ -97,7 +99,7 @@ def test_group_norm_prelu_in_place(dtype, alpha, length):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7])
 @pytest.mark.parametrize("stride", [1, 2, 3])
-@pytest.mark.parametrize("length", [1, 2, 3, 8, 1031])
+@pytest.mark.parametrize("length", [1, 2, 3, 8, 2 * TILE + 7])
 def test_depthwise_conv(dtype, kernel_size, stride, length):
     channels, padding = 5, kernel_size // 2
     rng = np.random.default_rng(kernel_size * 100 + length)
@@ -115,7 +117,7 @@ def test_depthwise_conv(dtype, kernel_size, stride, length):
     assert_close(stats, reference_stats(expected), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("length", [1, 6, 1001])
+@pytest.mark.parametrize("length", [1, 6, TILE + 1])
 def test_depthwise_conv_without_padding_and_in_place(length):
     x = np.random.default_rng(length).normal(0, 1, (1, 3, length + 4)).astype(np.float32)
     weight, bias = np.full((3, 5), 0.2, np.float32), np.arange(3, dtype=np.float32)
@@ -142,7 +144,7 @@ def test_defaults_without_affine_parameters_or_bias():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("length", [1, 2, 3, 7, 512, 513, 1025])
+@pytest.mark.parametrize("length", [1, 2, 3, 7, TILE, TILE + 1, 2 * TILE + 1])
 @pytest.mark.parametrize("affines", [False, True])
 def test_upsample_add(dtype, length, affines):
     rng = np.random.default_rng(length)
@@ -218,7 +220,7 @@ def test_fused_block_matches_modules(batch, length, depth, kernel_size, fused_ca
 
 def test_fused_block_default_size():
     block = randomised_block(128, 512, 4, 5, per_channel_prelu=False)
-    x = torch.randn(1, 128, 2000)
+    x = torch.randn(1, 128, 2 * TILE + 1)  # several tiles at the first two levels
     with torch.inference_mode():
         actual = block(x)
         with module_path():
