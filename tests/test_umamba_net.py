@@ -147,3 +147,50 @@ def test_decoder_as_matmul_equals_the_transposed_conv(batch, bias):
     assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max())
     for got, want in zip(fast_grads, reference_grads):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "softmax", "linear"])
+def test_mask_activations_in_place_at_inference_are_the_same(activation):
+    """Without gradients the masks are activated in place: same values as with autograd."""
+    torch.manual_seed(0)
+    net = tiny_masknet(num_spks=3, mask_activation=activation).eval()
+    x = torch.randn(2, 32, 21)
+    with_grad = net(x)
+    with torch.no_grad():
+        without = net(x)
+    assert without.shape == (3, 2, 32, 21)
+    assert torch.allclose(without, with_grad.detach(), atol=1e-5)
+    if activation == "softmax":
+        assert torch.allclose(without.sum(0), torch.ones(2, 32, 21), atol=1e-5)
+
+
+def test_separate_at_inference_equals_the_autograd_path():
+    """No-grad separation (in-place masking, fused CPU kernels) gives what the training path gives."""
+    torch.manual_seed(0)
+    sep = Separator(Encoder(kernel_size=16, out_channels=32), tiny_masknet(),
+                    Decoder(in_channels=32, out_channels=1, kernel_size=16, stride=8, bias=False)).eval()
+    mix = torch.randn(2, 1203)
+    reference = sep(mix).detach()
+    with torch.no_grad():
+        fast = sep(mix)
+    assert torch.allclose(fast, reference, atol=1e-5 * reference.abs().max())
+
+
+def test_masks_that_share_memory_are_not_overwritten():
+    """A masknet may return an expanded mask (one tensor for all sources): it is left as it is."""
+    from umamba.models.separator import _owns_storage, separate
+
+    class SameMask(nn.Module):
+        def forward(self, x):
+            self.mask = torch.full_like(x[:1], 0.5)
+            return self.mask.expand(2, *x.shape)
+
+    encoder = Encoder(kernel_size=16, out_channels=32)
+    decoder = Decoder(in_channels=32, out_channels=1, kernel_size=16, stride=8, bias=False)
+    masknet = SameMask()
+    with torch.no_grad():
+        est = separate(encoder, masknet, decoder, torch.randn(1, 400))
+    assert (masknet.mask == 0.5).all()  # the mask the masknet kept is unchanged
+    assert not _owns_storage(masknet.forward(torch.zeros(1, 32, 5)))
+    assert torch.allclose(est[..., 0], est[..., 1])
+    assert _owns_storage(torch.zeros(2, 3).t()) and not _owns_storage(torch.zeros(4)[:2])

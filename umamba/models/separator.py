@@ -23,7 +23,10 @@ def separate(encoder, masknet, decoder, mix: torch.Tensor) -> torch.Tensor:
     """
     mix_w = encoder(mix)  # [B, N, L]
     masks = masknet(mix_w)  # [n_src, B, N, L]
-    sep_h = mix_w.unsqueeze(0) * masks
+    if _owns_storage(masks) and not torch.is_grad_enabled():
+        sep_h = masks.mul_(mix_w.unsqueeze(0))  # inference: no new n_src x [B, N, L] tensor
+    else:
+        sep_h = mix_w.unsqueeze(0) * masks
     if _decodes_as_matmul(decoder):
         est = decode_as_matmul(decoder, sep_h)
     else:
@@ -34,6 +37,13 @@ def separate(encoder, masknet, decoder, mix: torch.Tensor) -> torch.Tensor:
     if est.shape[1] < length:
         est = F.pad(est, (0, 0, 0, length - est.shape[1]))
     return est[:, :length]
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    """True when ``tensor``'s elements are all of its storage, each once: safe to overwrite in place."""
+    return tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size() and all(
+        stride > 0 or size == 1 for stride, size in zip(tensor.stride(), tensor.shape)
+    )
 
 
 def _decodes_as_matmul(decoder) -> bool:
@@ -60,7 +70,8 @@ def decode_as_matmul(decoder: nn.ConvTranspose1d, sep_h: torch.Tensor) -> torch.
     The same arithmetic as calling ``decoder`` on each source, T' = (L - 1) * stride + kernel,
     computed as one matrix product (each frame's kernel-long segment) and an overlap-add
     (``F.fold``). PyTorch's CPU transposed convolution takes a slow path for this shape: 19 ms
-    per source for the default model on 10 s, against 5 ms for both sources this way.
+    per source for the default model on 10 s, against 5 ms for both sources this way (``bmm``:
+    ``matmul`` would copy the input transposed first).
 
     Example
     -------
@@ -73,7 +84,8 @@ def decode_as_matmul(decoder: nn.ConvTranspose1d, sep_h: torch.Tensor) -> torch.
     """
     n_src, batch, channels, frames = sep_h.shape
     kernel, stride = decoder.kernel_size[0], decoder.stride[0]
-    segments = torch.matmul(decoder.weight[:, 0, :].t(), sep_h.reshape(n_src * batch, channels, frames))
+    sep_h = sep_h.reshape(n_src * batch, channels, frames)
+    segments = torch.bmm(decoder.weight[:, 0, :].t().expand(n_src * batch, -1, -1), sep_h)  # [n_src B, K, L]
     length = (frames - 1) * stride + kernel
     est = F.fold(segments, output_size=(1, length), kernel_size=(1, kernel), stride=(1, stride))
     if decoder.bias is not None:

@@ -159,11 +159,11 @@ class MambaLayer(nn.Module):
         return x + self.mamba(h, channels_first=True)
 
 
-MASK_ACTIVATIONS = {
-    "relu": F.relu,
-    "sigmoid": torch.sigmoid,
-    "softmax": lambda m: torch.softmax(m, dim=0),  # over sources
-    "linear": lambda m: m,
+MASK_ACTIVATIONS = {  # on [B, n_src, N, L]; in place when no gradient is needed
+    "relu": lambda m, inplace: F.relu(m, inplace=inplace),
+    "sigmoid": lambda m, inplace: m.sigmoid_() if inplace else m.sigmoid(),
+    "softmax": lambda m, inplace: torch.softmax(m, dim=1),  # over sources
+    "linear": lambda m, inplace: m,
 }
 
 
@@ -250,4 +250,5 @@ class UMambaMaskNet(nn.Module):
         batch, _, length = x.shape
         h = self.blocks(self.bottleneck(x))  # [B, F, L]
         masks = self.mask_head(h).view(batch, self.num_spks, self.in_channels, length)
-        return MASK_ACTIVATIONS[self.mask_activation](masks.transpose(0, 1))
+        inplace = not torch.is_grad_enabled()  # inference: no copy of the n_src x [B, N, L] masks
+        return MASK_ACTIVATIONS[self.mask_activation](masks, inplace).transpose(0, 1)
