@@ -223,3 +223,15 @@ def test_inference_conv_path_matches_reference(length, bidirectional):
         handle = block.conv1d.register_forward_hook(lambda *args: None)
         assert not conv_cpu.applies(block.conv1d, torch.randn(3, 24, length))  # hooks see the module
         handle.remove()
+
+
+@pytest.mark.skipif(conv_cpu.numba is None, reason="numba not importable")
+@pytest.mark.parametrize("kernel", [2, 3, 4, 5])
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 9, 1001])
+def test_causal_conv_silu_kernel_against_torch(kernel, length):
+    x = torch.randn(2, 6, length) * 3
+    weight, bias = torch.randn(6, 1, kernel), torch.randn(6)
+    reference = F.silu(F.conv1d(x, weight, bias, padding=kernel - 1, groups=6)[..., :length])
+    assert torch.allclose(conv_cpu.causal_conv1d_silu(x, weight, bias), reference, rtol=1e-5, atol=1e-5)
+    no_bias = F.silu(F.conv1d(x, weight, None, padding=kernel - 1, groups=6)[..., :length])
+    assert torch.allclose(conv_cpu.causal_conv1d_silu(x, weight, None), no_bias, rtol=1e-5, atol=1e-5)
