@@ -92,7 +92,7 @@ def training_step_profile(separator, segment):
         if "selectivescan" in name or "selective_scan" in name:
             group = "selective scan (fwd + bwd)"
         elif "conv" in name:
-            group = "convolutions (fwd + bwd)"
+            group = "convolutions, 1x1 ones included (fwd + bwd)"
         elif name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"):
             group = "matrix products (fwd + bwd)"
         else:

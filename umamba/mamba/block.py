@@ -29,11 +29,13 @@ from umamba.mamba.scan import BACKENDS, selective_scan
 
 
 def _project(weight, x):
-    """``weight`` (out, in) applied to channel-first ``x`` (b, in, l) -> (b, out, l), as one bmm.
+    """``weight`` (out, in) applied to channel-first ``x`` (b, in, l) -> (b, out, l): a 1x1 convolution.
 
-    (``torch.matmul`` of a matrix by a batch transposes and copies the operands.)
+    No operand is copied (``torch.matmul`` of a matrix by a batch transposes and copies them).
+    On the CPU, oneDNN's 1x1 convolution is 25-30 % faster than ``bmm`` (MKL) for in_proj and
+    out_proj of the default model (128 -> 512 and 256 -> 128 channels, 8000 frames, 2 threads).
     """
-    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+    return F.conv1d(x, weight.unsqueeze(-1))
 
 
 def _at_least_fp32(t):
