@@ -5,7 +5,10 @@ on two cores; numba caches them in ``umamba/mamba/__pycache__`` for later runs.
 """
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,3 +221,17 @@ def test_bad_input_names_the_argument(name, value, message):
     inputs[name] = value
     with pytest.raises(ValueError, match=re.escape(message)):
         selective_scan_cpu(**inputs)
+
+
+def test_numba_start_up_leaves_torch_thread_count_alone():
+    """numba's first parallel call starts its OpenMP pool, which reset torch's thread count to
+    NUMBA_NUM_THREADS: a process that asked torch for 1 thread then ran on 2. Fresh process."""
+    probe = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from umamba.mamba.conv_cpu import causal_conv1d_silu\n"
+        "causal_conv1d_silu(torch.randn(1, 4, 10), torch.randn(4, 1, 4), None)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[-1] == "1"

@@ -461,8 +461,11 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 
 def _use_torch_threads() -> int:
     """Runs numba on as many threads as torch (never more than numba started), and returns that number."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    wanted = torch.get_num_threads()
+    threads = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    if torch.get_num_threads() != wanted:  # starting numba's OpenMP pool can resize torch's
+        torch.set_num_threads(wanted)
     return threads
 
 
