@@ -59,8 +59,8 @@ def applies(conv1d: nn.Conv1d, x: torch.Tensor) -> bool:
     """True where :func:`causal_conv1d_silu` can stand in for ``silu(conv1d(x)[..., :L])``.
 
     numba imports; ``x`` is a float32 CPU tensor; no gradient is needed; ``conv1d`` is
-    depthwise, stride 1, padding ``K - 1``; and it has no forward hooks (MAC counters and
-    profilers see the module called).
+    depthwise, stride 1, padding ``K - 1``; it has no forward hooks (MAC counters and
+    profilers see the module called); and no tracing or compilation is in progress.
 
     Example
     -------
@@ -83,6 +83,7 @@ def applies(conv1d: nn.Conv1d, x: torch.Tensor) -> bool:
         and conv1d.dilation == (1,)
         and conv1d.padding == (kernel - 1,)
         and not (conv1d._forward_hooks or conv1d._forward_pre_hooks)
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
     )
 
 
