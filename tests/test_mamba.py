@@ -235,3 +235,16 @@ def test_causal_conv_silu_kernel_against_torch(kernel, length):
     assert torch.allclose(conv_cpu.causal_conv1d_silu(x, weight, bias), reference, rtol=1e-5, atol=1e-5)
     no_bias = F.silu(F.conv1d(x, weight, None, padding=kernel - 1, groups=6)[..., :length])
     assert torch.allclose(conv_cpu.causal_conv1d_silu(x, weight, None), no_bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(conv_cpu.numba is None, reason="numba not importable")
+def test_module_path_switch_turns_the_conv_kernel_off():
+    from umamba.fast_paths import module_path
+
+    conv = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3)
+    x = torch.randn(1, 8, 20)
+    with torch.no_grad():
+        assert conv_cpu.applies(conv, x)
+        with module_path():
+            assert not conv_cpu.applies(conv, x)
+        assert conv_cpu.applies(conv, x)

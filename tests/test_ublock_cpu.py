@@ -15,6 +15,7 @@ if ublock_cpu.numba is None:
     pytest.skip("numba is not installed", allow_module_level=True)
 
 from umamba.complexity import count_macs  # noqa: E402
+from umamba.fast_paths import module_path  # noqa: E402
 from umamba.models import UBlock  # noqa: E402
 from umamba.models.ublock_cpu import (  # noqa: E402
     TILE,
@@ -22,7 +23,6 @@ from umamba.models.ublock_cpu import (  # noqa: E402
     channel_stats,
     depthwise_conv,
     group_norm_affine,
-    module_path,
     upsample_add_,
 )
 

@@ -27,9 +27,10 @@ import torch.nn as nn
 import yaml
 from hyperpyyaml import load_hyperpyyaml
 
+from umamba.allocator import keep_freed_memory
+from umamba.fast_paths import module_path
 from umamba.mamba import Mamba
 from umamba.models.separator import Separator
-from umamba.models.ublock_cpu import module_path
 
 TRIPLET = ("Encoder", "MaskNet", "Decoder")
 
@@ -104,7 +105,7 @@ def count_macs(model: nn.Module, *inputs) -> int:
     skip = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) not in skip]
     try:
-        with torch.no_grad(), module_path():  # the fused CPU U-block would bypass the conv hooks
+        with torch.no_grad(), module_path():  # fused CPU kernels would bypass the conv hooks
             model(*inputs)
     finally:
         for handle in handles:
@@ -206,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; the fastest is reported")
     args, rest = parser.parse_known_args(argv)
     overrides = _parse_overrides(rest)
+    keep_freed_memory()  # time the model as umamba-separate runs it
     separator, sample_rate = load_separator(args.hparams, overrides)
     r = measure(separator, sample_rate, args.seconds, args.threads, args.repeats)
     print(f"model        {args.hparams}")

@@ -14,6 +14,7 @@ Authors
 import torch
 import torch.nn as nn
 
+from umamba import fast_paths
 from umamba.mamba.scan_cpu import _array, _exp, _jit, _use_torch_threads, numba, prange
 
 __all__ = ["applies", "causal_conv1d_silu"]
@@ -58,7 +59,7 @@ def _causal_conv_silu_kernel(x, weight, bias, out):
 def applies(conv1d: nn.Conv1d, x: torch.Tensor) -> bool:
     """True where :func:`causal_conv1d_silu` can stand in for ``silu(conv1d(x)[..., :L])``.
 
-    numba imports; ``x`` is a float32 CPU tensor; no gradient is needed; ``conv1d`` is
+    numba imports and :func:`umamba.fast_paths.module_path` is not in force; ``x`` is a float32 CPU tensor; no gradient is needed; ``conv1d`` is
     depthwise, stride 1, padding ``K - 1``; it has no forward hooks (MAC counters and
     profilers see the module called); and no tracing or compilation is in progress.
 
@@ -75,6 +76,7 @@ def applies(conv1d: nn.Conv1d, x: torch.Tensor) -> bool:
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv1d.parameters()))
     return (
         numba is not None
+        and fast_paths.enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not needs_grad

@@ -34,11 +34,10 @@ Authors
  * U-Mamba-Net contributors
 """
 
-import contextlib
-
 import numpy as np
 import torch
 
+from umamba import fast_paths
 from umamba.mamba.scan_cpu import (
     _array,
     _jit,
@@ -55,7 +54,6 @@ __all__ = [
     "depthwise_conv",
     "group_norm_affine",
     "is_enabled",
-    "module_path",
     "ublock_inner",
     "upsample_add_",
 ]
@@ -63,36 +61,16 @@ __all__ = [
 TILE = 2048
 """Frames per tile: the unit of the convolution and of the statistics (8 KiB of float32, in L1 cache)."""
 
-_enabled = True
-
-
 def is_enabled() -> bool:
-    """True when numba imports and :func:`module_path` is not in force: ``UBlock`` may use this path.
+    """True when numba imports and :func:`umamba.fast_paths.module_path` is not in force:
+    ``UBlock`` may use this path.
 
     Example
     -------
     >>> isinstance(is_enabled(), bool)
     True
     """
-    return numba is not None and _enabled
-
-
-@contextlib.contextmanager
-def module_path():
-    """Context manager that makes every ``UBlock`` run its PyTorch modules (for hooks, as MAC counts).
-
-    Example
-    -------
-    >>> with module_path():
-    ...     is_enabled()
-    False
-    """
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
+    return numba is not None and fast_paths.enabled()
 
 
 # The kernels index 1-D views of rows and tiles from 0: numba wraps negative indices around,
@@ -435,6 +413,7 @@ def ublock_inner(block, a: torch.Tensor) -> torch.Tensor:
 
     Example
     -------
+    >>> from umamba.fast_paths import module_path
     >>> from umamba.models import UBlock
     >>> block = UBlock(channels=4, hidden=8, depth=3)
     >>> x = torch.randn(2, 4, 11)

@@ -50,7 +50,7 @@ class UBlock(nn.Module):
 
     CPU float32 inference with nearest up-sampling runs everything between the two 1x1
     convolutions in fused numba kernels (:mod:`umamba.models.ublock_cpu`), unless numba is
-    missing, :func:`umamba.models.ublock_cpu.module_path` is in force or a sub-module has a
+    missing, :func:`umamba.fast_paths.module_path` is in force or a sub-module has a
     forward hook; the results are the same up to float32 rounding. Otherwise, and whenever a
     gradient is needed, the modules run.
 
