@@ -5,13 +5,19 @@
 Prints, for the default ``hparams/umamba.yaml`` model (random weights, batch 1, 8 kHz):
 
 1. inference on ``--seconds`` of audio: wall time and real-time factor (RTF) for U-Mamba-Net with each
-   scan backend available here, and for the bundled DPRNN configuration (``hparams/dprnn.yaml``),
-   measured in the same process, with the ratio (goals: RTF <= 0.05, >= 10x faster than DPRNN);
+   scan backend available here, with the fused CPU kernels switched off (``umamba.fast_paths.module_path``),
+   and for the bundled DPRNN configuration (``hparams/dprnn.yaml``), measured in the same process,
+   with the ratio (goals: RTF <= 0.05, >= 10x faster than DPRNN);
 2. the inference time per part (encoder, U-blocks, Mamba layers, mask head + decoder), from
    forward hooks;
 3. one training step (forward + backward + Adam) on a ``--train-seconds`` segment, with the share of
    the selective scan (forward and backward) against convolutions and matrix products, from the
-   PyTorch profiler (goal: the step is dominated by the convolutions, not the scan).
+   PyTorch profiler (goal: the step is dominated by the convolutions, not the scan);
+4. a roofline of one Mamba layer's forward (the default layer on ``--seconds`` of frames): its
+   multiply-adds in matrix products at this machine's measured matrix-product rate, its scan at the
+   measured exp and FMA rates (``benchmarks/bench_scan.py``), the bytes its tensors move at the
+   measured copy bandwidth; floor = max(compute, memory) against the measured layer time (goal:
+   within 3x).
 
 Best of ``--repeats`` runs; figures only, no pass/fail (these machines are shared and noisy).
 Both models run with the allocator setting of ``umamba-separate`` (freed memory kept for reuse,
@@ -23,9 +29,11 @@ import collections
 import time
 
 import torch
+from bench_scan import machine_rates
 from torch.profiler import ProfilerActivity, profile
 
 from umamba.allocator import keep_freed_memory
+from umamba.fast_paths import module_path
 from umamba.complexity import best_time, load_separator
 from umamba.mamba.scan import cpu_kernel_available
 from umamba.models.umamba_net import MambaLayer, UBlock
@@ -102,6 +110,43 @@ def training_step_profile(separator, segment):
     return wall, groups
 
 
+def matmul_rate(repeats):
+    """Multiply-adds per second of a large float32 matrix product (1024 x 1024 by 1024 x 8192)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 8192)
+    torch.mm(a, b)
+    return 1024 * 1024 * 8192 / best_time(lambda: torch.mm(a, b), repeats)
+
+
+def mamba_layer_roofline(layer, frames, threads, repeats):
+    """Prints the floor of one MambaLayer forward on (1, d_model, frames) and the measured time."""
+    m = layer.mamba
+    d, e, n, r = m.d_model, m.d_inner, m.d_state, m.dt_rank
+    gemm_macs = frames * (d * 2 * e + e * (r + 2 * n) + r * e + e * d)  # in_proj, x_proj, dt_proj, out_proj
+    scan_elements = frames * e * n  # one exp and four multiplies / multiply-adds each
+    # Each tensor the layer makes is written once and read once (float32): the LayerNorm output
+    # (d), xz (2e), conv + SiLU (e), x_proj (r + 2n), delta (e), the scan (e), out_proj (d), the sum (d).
+    moved = 2 * 4 * frames * (3 * d + 5 * e + r + 2 * n)
+    bandwidth, exp_rate, _, fma_rate = machine_rates(threads, repeats)
+    mm_rate = matmul_rate(repeats)
+    gemm_time = gemm_macs / mm_rate
+    scan_time = scan_elements / exp_rate + 4 * scan_elements / fma_rate
+    memory_time = moved / bandwidth
+    floor = max(gemm_time + scan_time, memory_time)
+    x = torch.randn(1, d, frames)
+    with torch.no_grad():
+        layer(x)
+        measured = best_time(lambda: layer(x), repeats)
+    print(f"\n4. Roofline of one Mamba layer's forward (d_model {d}, d_inner {e}, d_state {n}, {frames} frames, "
+          f"{threads} threads)")
+    print(f"  matrix products: {gemm_macs / 1e9:.3f} G multiply-adds / {mm_rate / 1e9:.1f} G/s (1024 x 1024 x 8192 "
+          f"sgemm) = {gemm_time * 1e3:.2f} ms")
+    print(f"  scan           : {scan_elements / 1e6:.1f} M exps / {exp_rate / 1e9:.2f} G/s + "
+          f"{4 * scan_elements / 1e6:.1f} M mul/FMA / {fma_rate / 1e9:.2f} G/s = {scan_time * 1e3:.2f} ms")
+    print(f"  memory         : {moved / 1e6:.1f} MB / {bandwidth / 1e9:.1f} GB/s = {memory_time * 1e3:.2f} ms")
+    print(f"  floor {floor * 1e3:.2f} ms ({'compute' if gemm_time + scan_time >= memory_time else 'memory'} bound); "
+          f"measured {measured * 1e3:.2f} ms = {measured / floor:.2f} x floor")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -125,9 +170,12 @@ def main():
     for backend in backends:
         separator, _ = load_separator("hparams/umamba.yaml", {"scan_backend": backend})
         times[f"U-Mamba-Net ({backend} scan)"] = inference_time(separator, mix, args.repeats)
+        if backend == backends[0]:
+            with module_path():
+                times["  same, fused kernels off"] = inference_time(separator, mix, args.repeats)
     dprnn, _ = load_separator("hparams/dprnn.yaml")
     times["DPRNN (hparams/dprnn.yaml)"] = inference_time(dprnn, mix, args.repeats)
-    fastest = min(v for k, v in times.items() if k.startswith("U-Mamba"))
+    fastest = times[f"U-Mamba-Net ({backends[0]} scan)"]
     print(f"\n1. Inference\n{'model':<34} {'time s':>8} {'RTF':>7} {'x U-Mamba':>10}")
     for name, seconds in times.items():
         print(f"{name:<34} {seconds:>8.3f} {seconds / args.seconds:>7.3f} {seconds / fastest:>10.1f}")
@@ -144,6 +192,11 @@ def main():
     print(f"\n3. One training step on a {args.train_seconds:g} s segment ({backends[0]} scan): {wall:.3f} s wall")
     for group, seconds in groups.most_common():
         print(f"{group:<48} {seconds:>7.3f} s {100 * seconds / total_cpu:>5.1f} % of profiled CPU time")
+
+    layer = next(m for m in separator.masknet.modules() if isinstance(m, MambaLayer))
+    with torch.no_grad():
+        frames = separator.encoder(mix).shape[-1]
+    mamba_layer_roofline(layer, frames, args.threads, max(args.repeats, 5))
 
 
 if __name__ == "__main__":
