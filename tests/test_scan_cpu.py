@@ -184,27 +184,68 @@ def test_extreme_values():
 
 
 @scan_cpu.numba.njit
-def _elementwise(xs, log1p):
+def _elementwise(xs, function):
+    """0: _exp, 1: _log1p_unit, 2: _exp_nonpositive, elementwise."""
     out = np.empty_like(xs)
     for i in range(xs.size):
-        out[i] = scan_cpu._log1p_unit(xs[i]) if log1p else scan_cpu._exp(xs[i])
+        if function == 0:
+            out[i] = scan_cpu._exp(xs[i])
+        elif function == 1:
+            out[i] = scan_cpu._log1p_unit(xs[i])
+        else:
+            out[i] = scan_cpu._exp_nonpositive(xs[i])
     return out
 
 
 def test_float32_exp_and_log1p_are_accurate():
     """The polynomial exp and log1p of the float32 kernels: within 2 ulp of float64 numpy."""
     ulp = 2.0**-23
-    xs = np.linspace(-87.3, 88.3, 100001).astype(np.float32)
-    got = _elementwise(xs, False)
+    # the last floats above the smallest normal result: 2**k * exp(r) built from exponent bits
+    low = np.nextafter(np.float32(-87.33654), np.float32(0)) + np.arange(200, dtype=np.float32) * np.float32(2**-17)
+    xs = np.concatenate([np.linspace(-87.3, 88.3, 100001), low, -low[::-1]]).astype(np.float32)
+    got = _elementwise(xs, 0)
     assert got.dtype == np.float32
     assert np.max(np.abs(got / np.exp(xs.astype(np.float64)) - 1)) < 2 * ulp
-    edges = _elementwise(np.array([-np.inf, -200, 200, np.inf, np.nan], dtype=np.float32), False)
-    assert edges[:4].tolist() == [0.0, 0.0, np.inf, np.inf] and math.isnan(edges[4])
+    edges = _elementwise(np.array([-np.inf, -200, -87.34, 88.4, 200, np.inf, np.nan], dtype=np.float32), 0)
+    assert edges[:6].tolist() == [0.0, 0.0, 0.0, np.inf, np.inf, np.inf] and math.isnan(edges[6])
+    # the variant for arguments <= 0: the same values (no check for overflow)
+    xs = xs[xs <= 0]
+    assert np.array_equal(_elementwise(xs, 2), _elementwise(xs, 0))
+    edges = _elementwise(np.array([-np.inf, -200, -87.34, 0, np.nan], dtype=np.float32), 2)
+    assert edges[:4].tolist() == [0.0, 0.0, 0.0, 1.0] and math.isnan(edges[4])
     ys = np.concatenate([np.geomspace(1e-30, 1, 50000), np.linspace(0, 1, 50001)[1:]]).astype(np.float32)
-    got = _elementwise(ys, True)
+    got = _elementwise(ys, 1)
     ref = np.log1p(ys.astype(np.float64))
     assert np.max(np.abs(got - ref) / ref) < 2 * ulp
-    assert _elementwise(np.zeros(1, dtype=np.float32), True)[0] == 0
+    assert _elementwise(np.zeros(1, dtype=np.float32), 1)[0] == 0
+
+
+def test_growing_state_with_softplus():
+    """Softplus on but some A > 0: the forward recurrence needs exp's overflow check (the path
+    for A <= 0 skips it); results as the reference, and the two paths agree where both apply."""
+    inputs = make_inputs(2, 20, 16, 150)
+    inputs["A"][:, ::3] = 0.02  # exp(delta' * A) > 1: the state grows, slowly
+    (out, grads), (ref_out, ref_grads) = run_both(inputs, True, torch.float32)
+    assert rel_error(out, ref_out) < 1e-5
+    for name in grads:
+        assert rel_error(grads[name], ref_grads[name]) < 1e-5, name
+    # A <= 0: the kernel's two recurrences give the same bits
+    x = {k: v.float().numpy() for k, v in make_inputs(2, 20, 16, 150).items()}
+    outs = []
+    for nonpositive in (True, False):
+        out = np.empty_like(x["u"])
+        scan_cpu._forward_kernel(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                 True, True, nonpositive, out, np.empty((2, 2, 0, 16, LANES), np.float32))
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_long_input_crosses_forward_segments():
+    """The forward loads SEGMENT chunks at a time: several segments, the last one partial."""
+    inputs = as_float32(make_inputs(1, 3, 2, 2 * CHUNK * SEGMENT + CHUNK + 5, with_D=False))
+    with torch.no_grad():
+        out = selective_scan_cpu(**inputs, delta_softplus=True)
+    assert rel_error(out, reference_scan(**inputs, delta_softplus=True)) < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -15,19 +15,29 @@ Design
   that no horizontal sums are needed in the forward pass and any ``d_state`` vectorises.
 - Time is cut into chunks of ``CHUNK`` (64) steps. The per-step work that does not depend on
   the state (softplus, silu and their derivatives) runs over a whole chunk per channel, reading
-  memory contiguously, and is transposed into (step, lane) tiles for the recurrence.
+  memory contiguously, and is transposed into (step, lane) tiles for the recurrence, and the
+  recurrence's output back; a transpose moves LANES x LANES tiles with vector shuffles.
+- The forward pass does only its own share of that work: delta' and delta' * u over a segment
+  of ``SEGMENT`` chunks per channel at a time (long contiguous runs; the per-chunk loops cost
+  more in set-up than in work), the recurrence chunk by chunk, then the output and its gate
+  over the segment. No derivatives: the backward recomputes what it needs from the inputs.
 - float32 uses a vectorisable ``exp`` and ``log1p`` (Cephes polynomials, within 2 ulp) instead
   of the scalar libm calls, which would stop vectorisation; float64 (for ``gradcheck``) keeps
   libm. Results that are not normal floats saturate: ``exp`` gives exactly 0 below
   ``exp(-87.34)`` and inf above ``exp(88.38)``; NaNs propagate. The kernels use fast-math
-  contraction and reassociation but never assume finite values.
+  contraction and reassociation but never assume finite values. ``exp`` scales by ``2**k``
+  with an integer add to the exponent bits and replaces out-of-range results at the end, with
+  no clamping; where its argument cannot be positive it skips the overflow check: in softplus
+  and sigmoid (``exp(-|x|)``), and in the forward recurrence when softplus is on and
+  ``A <= 0`` (checked at every call; the usual Mamba case). Each check costs two instructions
+  in a loop of about twenty-five, and the forward recurrence is bound by the latency of ``exp``.
 - Bounded memory for the backward pass (checkpointing): the forward stores the state at the
   start of every chunk, (batch, ceil(dim / LANES), ceil(L / CHUNK), d_state, LANES): a quarter
   of the size of ``u`` for ``d_state = 16``, only when a gradient is needed. The backward walks
   the chunks in reverse, recomputes one chunk's decays and states from its checkpoint into a
   (d_state, CHUNK, 2, LANES) buffer (128 KiB, in L2 cache) and runs the adjoint recurrence
   through it. Storing every state would cost ``d_state`` times the size of ``u``; recomputing
-  costs one more ``exp`` per element, and keeps the backward at about 2.5 times the forward.
+  costs one more ``exp`` per element, and keeps the backward at about three times the forward.
   The (batch, dim, L) inputs and gradients are read and written ``SEGMENT`` chunks at a time in
   time order: the hardware prefetchers do not follow a walk backwards chunk by chunk.
 - ``dB`` and ``dC`` are sums over channels. The blocks of a batch element are split into as
@@ -64,7 +74,7 @@ LANES = 16
 """Channels computed together, one per vector lane (one AVX-512 vector of float32)."""
 
 SEGMENT = 8
-"""Chunks that the backward pass reads and writes in one go, in time order."""
+"""Chunks that the forward pass loads, and the backward pass reads and writes, in one go, in time order."""
 
 # Kernels: contraction (FMA) and reassociation (vectorised sums); no "nnan"/"ninf", so that
 # comparisons with NaN and inf keep their meaning. The numpy error model: a division by zero
@@ -91,6 +101,12 @@ def _exp(x):
     return math.exp(x)
 
 
+def _exp_nonpositive(x):
+    """:func:`_exp` for ``x <= 0`` (or NaN): the float32 polynomial skips the check for overflow,
+    and gives garbage above ``exp(88.38)`` instead of inf."""
+    return math.exp(x)
+
+
 def _log1p_unit(x):
     """``log1p`` on [0, 1] in the kernels: vectorisable polynomial for float32, libm for float64."""
     return math.log1p(x)
@@ -104,6 +120,7 @@ if numba is not None:
                                       4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
     # Below: under the smallest normal float32 (gives 0). Above: 2**k would need k = 128 (gives inf).
     _EXP_MIN, _EXP_MAX = _F32(-87.33654), _F32(88.37626)
+    _ROUND = _F32(1.5 * 2**23)  # x + _ROUND rounds x to an integer, for |x| < 2**22
     # Cephes logf on [sqrt(1/2), sqrt(2)].
     _LOG_P = tuple(_F32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1,
                                       -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
@@ -111,39 +128,52 @@ if numba is not None:
     _SQRT2 = _F32(1.4142135623730951)
 
     @intrinsic
-    def _pow2_f32(typingctx, k):
-        """``2.0 ** k`` for an integral float32 ``k`` in [-126, 127], from its exponent bits."""
+    def _times_pow2_f32(typingctx, x, t):
+        """``x * 2.0 ** k`` for float32 ``x`` and ``t = k + _ROUND``, an integer ``k`` whose product
+        with ``x`` is a normal float: ``k``, the low bits of ``t``, added to the exponent bits of ``x``
+        (the bits of _ROUND shifted left by 23 are 0). Integer operations only, never a poison value."""
 
         def codegen(context, builder, signature, args):
             i32 = ir.IntType(32)
-            bits = builder.shl(
-                builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127)), ir.Constant(i32, 23)
-            )
-            return builder.bitcast(bits, ir.FloatType())
+            shift = builder.shl(builder.bitcast(args[1], i32), ir.Constant(i32, 23))
+            return builder.bitcast(builder.add(builder.bitcast(args[0], i32), shift), ir.FloatType())
 
-        return types.float32(types.float32), codegen
+        return types.float32(types.float32, types.float32), codegen
 
-    @overload(_exp, jit_options=_HELPER_OPTIONS)
-    def _exp_overload(x):
-        if x != types.float32:
-            return lambda x: math.exp(x)
+    def _exp_f32(overflow):
+        """The float32 ``exp``; ``overflow``: check for arguments above _EXP_MAX (inf)."""
         p0, p1, p2, p3, p4, p5 = _EXP_P
 
         def exp_f32(x):
-            xc = min(max(x, _EXP_MIN), _EXP_MAX)
-            k = np.floor(xc * _LOG2E + _F32(0.5))
-            r = (xc - k * _LN2_HI) - k * _LN2_LO
+            # k = round(x / ln(2)): adding _ROUND leaves no fraction bits (as long as |k| < 2**22)
+            t = x * _LOG2E + _ROUND
+            k = t - _ROUND
+            r = (x - k * _LN2_HI) - k * _LN2_LO
             p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
-            e = (p * (r * r) + r + _F32(1.0)) * _pow2_f32(k)
+            # 2**k * exp(r) is normal on [_EXP_MIN, _EXP_MAX] (at _EXP_MIN, k = -126 and r > 0).
+            # Outside, and for inf and NaN, it is garbage and replaced: no clamping needed.
+            e = _times_pow2_f32(p * (r * r) + r + _F32(1.0), t)
             if x < _EXP_MIN:
                 e = _F32(0.0)
-            if x > _EXP_MAX:
+            if overflow and x > _EXP_MAX:
                 e = _F32(np.inf)
             if x != x:
                 e = x
             return e
 
         return exp_f32
+
+    @overload(_exp, jit_options=_HELPER_OPTIONS)
+    def _exp_overload(x):
+        if x != types.float32:
+            return lambda x: math.exp(x)
+        return _exp_f32(True)
+
+    @overload(_exp_nonpositive, jit_options=_HELPER_OPTIONS)
+    def _exp_nonpositive_overload(x):
+        if x != types.float32:
+            return lambda x: math.exp(x)
+        return _exp_f32(False)
 
     @overload(_log1p_unit, jit_options=_HELPER_OPTIONS)
     def _log1p_unit_overload(x):
@@ -165,6 +195,44 @@ if numba is not None:
             return x if w == _F32(1.0) else log_w * (x / (w - _F32(1.0)))
 
         return log1p_unit_f32
+
+    @intrinsic
+    def _transpose_tile(typingctx, src, src_at, src_stride, dst, dst_at, dst_stride):
+        """Copies a LANES x LANES tile transposed between two C-contiguous arrays of one dtype, at flat
+        element offsets: ``dst[dst_at + i * dst_stride + v] = src[src_at + v * src_stride + i]``.
+        No bounds checks. Sixteen vector loads, four rounds of two-vector shuffles (round ``k``
+        swaps bit ``k`` of the row and column indices) and sixteen vector stores, where a scalar
+        copy takes 256 loads and stores."""
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
+                and src.layout == dst.layout == "C"):
+            return None
+
+        def codegen(context, builder, signature, args):
+            src, src_at, src_stride, dst, dst_at, dst_stride = args
+            elem = context.get_value_type(signature.args[0].dtype)
+            vec, align = ir.VectorType(elem, LANES), context.get_abi_sizeof(elem)
+            i64, mask = ir.IntType(64), ir.VectorType(ir.IntType(32), LANES)
+
+            def pointers(array_type, array, at, stride):
+                data = context.make_array(array_type)(context, builder, value=array).data
+                for i in range(LANES):
+                    offset = builder.add(at, builder.mul(stride, ir.Constant(i64, i)))
+                    yield builder.bitcast(builder.gep(data, [offset], inbounds=True), vec.as_pointer())
+
+            rows = [builder.load(p, align=align) for p in pointers(signature.args[0], src, src_at, src_stride)]
+            for k in range(LANES.bit_length() - 1):
+                bit = 1 << k
+                low = ir.Constant(mask, [c if not c & bit else LANES + (c ^ bit) for c in range(LANES)])
+                high = ir.Constant(mask, [c | bit if not c & bit else LANES + c for c in range(LANES)])
+                for i in range(LANES):
+                    if not i & bit:
+                        rows[i], rows[i | bit] = (builder.shuffle_vector(rows[i], rows[i | bit], low),
+                                                  builder.shuffle_vector(rows[i], rows[i | bit], high))
+            for row, p in zip(rows, pointers(signature.args[3], dst, dst_at, dst_stride)):
+                builder.store(row, p, align=align)
+            return context.get_dummy_value()
+
+        return types.none(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
 
     def _jit(function):
         """A parallel kernel, cached on disk (next to this file, or in the user's cache directory
@@ -200,6 +268,12 @@ _N_ROWS = 9
 # cols (CHUNK, _N_COLS, LANES): per step across channels.
 _C_DT, _C_DTU, _C_Y, _C_DY, _C_GB, _C_GA = range(6)
 _N_COLS = 6
+# The forward's own buffers: rows (_N_F_ROWS, LANES, SEGMENT * CHUNK), a segment per channel;
+# cols (CHUNK, _N_F_COLS, LANES).
+_F_DT, _F_DTU, _F_Y = range(3)
+_N_F_ROWS = 3
+_F_C_DT, _F_C_DTU, _F_C_Y = range(3)
+_N_F_COLS = 3
 # state (d_state, _N_STATE, LANES): h, dL/dh carried backwards, A, dA of the chunk, dA in total.
 _H, _G, _A, _DA, _DA_SUM = range(5)
 _N_STATE = 5
@@ -225,7 +299,7 @@ def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
             x = delta[b, d, l0 + j] + bias_d
             if softplus:
                 # softplus(x) = max(x, 0) + log1p(exp(-|x|)); its derivative is sigmoid(x)
-                e = _exp(-abs(x))
+                e = _exp_nonpositive(-abs(x))
                 dt = max(x, zero) + _log1p_unit(e)
                 rows[k, _SIG, v, j] = _sigmoid(x, e, one)
             else:
@@ -238,7 +312,7 @@ def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
         for j in range(steps):
             if has_z:
                 z_j = z[b, d, l0 + j]
-                s = _sigmoid(z_j, _exp(-abs(z_j)), one)
+                s = _sigmoid(z_j, _exp_nonpositive(-abs(z_j)), one)
                 rows[k, _GATE, v, j] = z_j * s
                 rows[k, _DGATE, v, j] = s * (one + z_j * (one - s))
             else:
@@ -247,19 +321,47 @@ def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
 
 
 @_jit_inline
+def _load_steps(u, delta, bias, softplus, b, d0, l0, rows):
+    """The forward's share of :func:`_load_chunk`, over a segment of up to ``rows.shape[2]`` steps
+    from ``l0``: ``rows[_F_DT, v]`` = delta', ``rows[_F_DTU, v]`` = delta' * u."""
+    zero = u.dtype.type(0)
+    steps = min(rows.shape[2], u.shape[2] - l0)
+    for v in range(min(LANES, u.shape[1] - d0)):
+        d = d0 + v
+        bias_d = bias[d]
+        for j in range(steps):
+            x = delta[b, d, l0 + j] + bias_d
+            dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
+            rows[_F_DT, v, j] = dt
+            rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
+
+
+@_jit_inline
+def _tiles_to_cols(rows, at, stride, cols, col, steps):
+    """``cols[:steps, col, :]`` = the (LANES, steps) block of ``rows`` at flat offset ``at`` with
+    row stride ``stride``, transposed, in whole tiles of LANES steps (``steps`` rounded up: the
+    buffers always hold whole tiles)."""
+    for j0 in range(0, steps, LANES):
+        _transpose_tile(rows, at + j0, stride, cols, (j0 * cols.shape[1] + col) * LANES, cols.shape[1] * LANES)
+
+
+@_jit_inline
+def _cols_to_tiles(cols, col, rows, at, stride, steps):
+    """The inverse of :func:`_tiles_to_cols`."""
+    for j0 in range(0, steps, LANES):
+        _transpose_tile(cols, (j0 * cols.shape[1] + col) * LANES, cols.shape[1] * LANES, rows, at + j0, stride)
+
+
+@_jit_inline
 def _rows_to_cols(rows, k, row, cols, col, steps):
-    """``cols[:steps, col] = rows[k, row, :, :steps].T``."""
-    for j in range(steps):
-        for v in range(LANES):
-            cols[j, col, v] = rows[k, row, v, j]
+    """``cols[:steps, col] = rows[k, row, :, :steps].T`` (whole tiles, as :func:`_tiles_to_cols`)."""
+    _tiles_to_cols(rows, (k * _N_ROWS + row) * LANES * CHUNK, CHUNK, cols, col, steps)
 
 
 @_jit_inline
 def _cols_to_rows(cols, col, rows, k, row, steps):
-    """``rows[k, row, :, :steps] = cols[:steps, col].T``."""
-    for v in range(LANES):
-        for j in range(steps):
-            rows[k, row, v, j] = cols[j, col, v]
+    """``rows[k, row, :, :steps] = cols[:steps, col].T`` (whole tiles, as :func:`_tiles_to_cols`)."""
+    _cols_to_tiles(cols, col, rows, (k * _N_ROWS + row) * LANES * CHUNK, CHUNK, steps)
 
 
 @_jit_inline
@@ -272,8 +374,26 @@ def _new_state(A, d0):
     return state
 
 
+@_jit_inline
+def _scan_steps(B, C, b, l0, steps, cols, state, nonpositive):
+    """The forward recurrence over ``steps`` steps from ``l0``: updates the h slot of ``state``
+    and writes y into ``cols[:, _F_C_Y]``; ``nonpositive``: every delta' * A is <= 0 (or NaN)."""
+    zero = cols.dtype.type(0)
+    for j in range(steps):
+        for v in range(LANES):
+            cols[j, _F_C_Y, v] = zero
+        for n in range(state.shape[0]):
+            b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
+            for v in range(LANES):
+                x = cols[j, _F_C_DT, v] * state[n, _A, v]
+                a_v = _exp_nonpositive(x) if nonpositive else _exp(x)
+                h_v = a_v * state[n, _H, v] + cols[j, _F_C_DTU, v] * b_n
+                state[n, _H, v] = h_v
+                cols[j, _F_C_Y, v] += c_n * h_v
+
+
 @_jit
-def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, out, states):
+def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, nonpositive, out, states):
     """Writes the scan into ``out``, and each chunk's initial state into ``states`` unless its chunk axis is empty.
 
     Shapes: u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, N, L); D, bias (dim,);
@@ -283,39 +403,44 @@ def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, out, states)
     batch, dim, length = u.shape
     d_state = A.shape[1]
     n_blocks = (dim + LANES - 1) // LANES
-    n_chunks = (length + CHUNK - 1) // CHUNK
     save = states.shape[2] > 0
-    zero = u.dtype.type(0)
+    one = u.dtype.type(1)
     for task in prange(batch * n_blocks):
         b, blk = task // n_blocks, task % n_blocks
         d0 = blk * LANES
-        rows = np.zeros((1, _N_ROWS, LANES, CHUNK), dtype=u.dtype)
-        cols = np.zeros((CHUNK, _N_COLS, LANES), dtype=u.dtype)
+        span = SEGMENT * CHUNK
+        rows = np.zeros((_N_F_ROWS, LANES, span), dtype=u.dtype)
+        cols = np.zeros((CHUNK, _N_F_COLS, LANES), dtype=u.dtype)
         state = _new_state(A, d0)
-        for c in range(n_chunks):
-            l0 = c * CHUNK
-            steps = min(CHUNK, length - l0)
-            if save:
-                for n in range(d_state):
-                    for v in range(LANES):
-                        states[b, blk, c, n, v] = state[n, _H, v]
-            _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, 0)
-            _rows_to_cols(rows, 0, _DT, cols, _C_DT, steps)
-            _rows_to_cols(rows, 0, _DTU, cols, _C_DTU, steps)
-            for j in range(steps):
-                for v in range(LANES):
-                    cols[j, _C_Y, v] = zero
-                for n in range(d_state):
-                    b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
-                    for v in range(LANES):
-                        h_v = _exp(cols[j, _C_DT, v] * state[n, _A, v]) * state[n, _H, v] + cols[j, _C_DTU, v] * b_n
-                        state[n, _H, v] = h_v
-                        cols[j, _C_Y, v] += c_n * h_v
-            _cols_to_rows(cols, _C_Y, rows, 0, _DY, steps)
+        for s in range((length + span - 1) // span):
+            l_seg = s * span
+            seg_steps = min(span, length - l_seg)
+            _load_steps(u, delta, bias, softplus, b, d0, l_seg, rows)
+            for k in range((seg_steps + CHUNK - 1) // CHUNK):
+                j_chunk = k * CHUNK
+                l0 = l_seg + j_chunk
+                steps = min(CHUNK, length - l0)
+                if save:
+                    for n in range(d_state):
+                        for v in range(LANES):
+                            states[b, blk, l0 // CHUNK, n, v] = state[n, _H, v]
+                _tiles_to_cols(rows, _F_DT * LANES * span + j_chunk, span, cols, _F_C_DT, steps)
+                _tiles_to_cols(rows, _F_DTU * LANES * span + j_chunk, span, cols, _F_C_DTU, steps)
+                if nonpositive:
+                    _scan_steps(B, C, b, l0, steps, cols, state, True)
+                else:
+                    _scan_steps(B, C, b, l0, steps, cols, state, False)
+                _cols_to_tiles(cols, _F_C_Y, rows, _F_Y * LANES * span + j_chunk, span, steps)
+            # out = (y + D u) * silu(z), a segment of each channel at a time
             for v in range(min(LANES, dim - d0)):
-                D_d = D[d0 + v]
-                for j in range(steps):
-                    out[b, d0 + v, l0 + j] = (rows[0, _DY, v, j] + D_d * rows[0, _U, v, j]) * rows[0, _GATE, v, j]
+                d = d0 + v
+                D_d = D[d]
+                for j in range(seg_steps):
+                    y_j = rows[_F_Y, v, j] + D_d * u[b, d, l_seg + j]
+                    if has_z:
+                        z_j = z[b, d, l_seg + j]
+                        y_j *= z_j * _sigmoid(z_j, _exp_nonpositive(-abs(z_j)), one)
+                    out[b, d, l_seg + j] = y_j
 
 
 @_jit
@@ -486,7 +611,7 @@ class _SelectiveScan(torch.autograd.Function):
             _array(u), _array(delta), _array(A), _array(B), _array(C),
             _array(zeros if D is None else D), _array(u if z is None else z),
             _array(zeros if delta_bias is None else delta_bias), bool(delta_softplus), z is not None,
-            out.numpy(), states.numpy(),
+            bool(delta_softplus) and bool((A <= 0).all()), out.numpy(), states.numpy(),
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
