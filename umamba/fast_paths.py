@@ -13,7 +13,9 @@ Authors
 
 import contextlib
 
-__all__ = ["enabled", "module_path"]
+import torch
+
+__all__ = ["enabled", "has_hooks", "may_stand_in", "module_path"]
 
 _enabled = True
 
@@ -45,3 +47,45 @@ def module_path():
         yield
     finally:
         _enabled = previous
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """True when ``module`` has forward hooks or pre-hooks: it must then be called as a module.
+
+    Example
+    -------
+    >>> conv = torch.nn.Conv1d(2, 2, 1)
+    >>> has_hooks(conv)
+    False
+    >>> handle = conv.register_forward_hook(lambda *args: None)
+    >>> has_hooks(conv)
+    True
+    """
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def may_stand_in(x: torch.Tensor, modules) -> bool:
+    """Whether a fused CPU kernel may compute, from ``x``, what ``modules`` would.
+
+    True when :func:`module_path` is not in force, ``x`` is a float32 CPU tensor, no gradient is
+    needed (grad mode off, or neither ``x`` nor the modules' parameters require one), none of the
+    modules has hooks (:func:`has_hooks`), and no tracing or compilation is in progress. The caller
+    checks what its kernel supports (shapes, settings) and that numba imports.
+
+    Example
+    -------
+    >>> norm = torch.nn.GroupNorm(1, 4)
+    >>> with torch.no_grad():
+    ...     may_stand_in(torch.randn(1, 4, 8), [norm])
+    True
+    >>> may_stand_in(torch.randn(1, 4, 8), [norm])  # training: the weights need a gradient
+    False
+    """
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    params = [p for m in modules for p in m.parameters(recurse=False)]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    if any(has_hooks(m) for m in modules):
+        return False
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())

@@ -59,9 +59,9 @@ def _causal_conv_silu_kernel(x, weight, bias, out):
 def applies(conv1d: nn.Conv1d, x: torch.Tensor) -> bool:
     """True where :func:`causal_conv1d_silu` can stand in for ``silu(conv1d(x)[..., :L])``.
 
-    numba imports and :func:`umamba.fast_paths.module_path` is not in force; ``x`` is a float32 CPU tensor; no gradient is needed; ``conv1d`` is
-    depthwise, stride 1, padding ``K - 1``; it has no forward hooks (MAC counters and
-    profilers see the module called); and no tracing or compilation is in progress.
+    numba imports, :func:`umamba.fast_paths.may_stand_in` allows it (CPU float32 inference, no
+    hooks on ``conv1d``: MAC counters and profilers see the module called), and ``conv1d`` is
+    depthwise, stride 1, padding ``K - 1``.
 
     Example
     -------
@@ -72,20 +72,13 @@ def applies(conv1d: nn.Conv1d, x: torch.Tensor) -> bool:
     >>> applies(conv, torch.randn(1, 8, 5))  # the weights need a gradient
     False
     """
-    kernel = conv1d.kernel_size[0]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv1d.parameters()))
     return (
         numba is not None
-        and fast_paths.enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not needs_grad
+        and fast_paths.may_stand_in(x, [conv1d])
         and conv1d.groups == conv1d.in_channels == conv1d.out_channels
         and conv1d.stride == (1,)
         and conv1d.dilation == (1,)
-        and conv1d.padding == (kernel - 1,)
-        and not (conv1d._forward_hooks or conv1d._forward_pre_hooks)
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+        and conv1d.padding == (conv1d.kernel_size[0] - 1,)
     )
 
 

@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from umamba import fast_paths
+
 
 def separate(encoder, masknet, decoder, mix: torch.Tensor) -> torch.Tensor:
     """Mixture [B, T] -> estimates [B, T, n_src], cropped or zero-padded to T samples.
@@ -60,7 +62,7 @@ def _decodes_as_matmul(decoder) -> bool:
         and decoder.output_padding == (0,)
         and decoder.dilation == (1,)
         and decoder.padding_mode == "zeros"
-        and not (decoder._forward_hooks or decoder._forward_pre_hooks)
+        and not fast_paths.has_hooks(decoder)
     )
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from umamba import fast_paths
 from umamba.mamba import Mamba
 
 
@@ -102,13 +103,8 @@ class UBlock(nn.Module):
         """Whether :meth:`forward` may run :mod:`umamba.models.ublock_cpu`'s numba kernels on ``x``:
         CPU float32 inference with nearest up-sampling, outside tracing and compilation, with no
         hooks on the modules that it bypasses (MAC counters and profilers see them called)."""
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.upsampling != "nearest":
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):
-            return False
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        bypassed = [m for m in self.modules() if m is not self]
+        if self.upsampling != "nearest" or not fast_paths.may_stand_in(x, bypassed):
             return False
         # numba is imported on the first CPU inference
         from umamba.models import ublock_cpu
