@@ -10,7 +10,6 @@ import itertools
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +24,6 @@ from speechbrain.nnet.losses import get_si_snr_with_pitwrapper
 from umamba.brain import Separation, TooManySkippedBatches
 from umamba.data.audio import AudioError, write_audio
 from umamba.data.datasets import separation_dataset
-from umamba.data.demo_corpus import make_demo_corpus
 from umamba.data.dynamic_mixing import DynamicMixingDataset, Utterance, librimix_utterances
 from umamba.data.librimix import LibriMixFormatError, LibriMixNotFoundError, metadata_path, prepare_librimix
 from umamba.evaluation import EvaluationReport
@@ -36,22 +34,8 @@ from helpers import REPO, TINY_UMAMBA, export_untrained_tiny_model
 TINY_MODEL = {**TINY_UMAMBA, "scan_backend": "torch"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tiny demo corpus in the Libri2Mix layout (never modified: tests break a copy)."""
-    root = tmp_path_factory.mktemp("corpus")
-    make_demo_corpus(str(root), n_train=3, n_valid=2, n_test=1, seconds=1.0, voices="synthetic")
-    return root
-
-
-@pytest.fixture
-def data(corpus, tmp_path):
-    shutil.copytree(corpus, tmp_path / "data")
-    return tmp_path / "data"
-
-
-def dev_file(data, folder="s1"):
-    return min((data / "Libri2Mix" / "wav8k" / "min" / "dev" / folder).iterdir())
+def dev_file(corpus_copy, folder="s1"):
+    return min((corpus_copy / "Libri2Mix" / "wav8k" / "min" / "dev" / folder).iterdir())
 
 
 def _keep_bytes(fraction_or_count):
@@ -79,55 +63,55 @@ PREPARATION_ERRORS = {
 
 
 @pytest.mark.parametrize("corruption", PREPARATION_ERRORS)
-def test_preparation_names_the_bad_file_and_writes_no_csv_for_its_split(data, tmp_path, corruption):
+def test_preparation_names_the_bad_file_and_writes_no_csv_for_its_split(corpus_copy, tmp_path, corruption):
     corrupt, error, words = PREPARATION_ERRORS[corruption]
-    bad = dev_file(data)
+    bad = dev_file(corpus_copy)
     corrupt(bad)
     save = tmp_path / "save"
     with pytest.raises(error) as info:
-        prepare_librimix(str(data), str(save), splits=["train-360", "dev"])
+        prepare_librimix(str(corpus_copy), str(save), splits=["train-360", "dev"])
     assert str(bad) in str(info.value) and words in str(info.value), str(info.value)
     # train-360 came first and is complete; nothing of dev, and no temporary file.
     assert sorted(os.listdir(save)) == ["train-360_mix_both_8000_min.csv", "train-360_mix_both_8000_min.csv.json"]
 
 
-def test_metadata_row_with_a_missing_field_names_the_line(data, tmp_path):
-    metadata = metadata_path(str(data / "Libri2Mix"), 8000, "min", "dev", "mix_both")
+def test_metadata_row_with_a_missing_field_names_the_line(corpus_copy, tmp_path):
+    metadata = metadata_path(str(corpus_copy / "Libri2Mix"), 8000, "min", "dev", "mix_both")
     with open(metadata, newline="") as f:
         table = list(csv.reader(f))
     table[2] = table[2][:-1]  # no length
     with open(metadata, "w", newline="") as f:
         csv.writer(f).writerows(table)
     with pytest.raises(LibriMixFormatError, match="line 3"):
-        prepare_librimix(str(data), str(tmp_path / "save"), splits=["dev"])
+        prepare_librimix(str(corpus_copy), str(tmp_path / "save"), splits=["dev"])
     assert not (tmp_path / "save").exists()
 
 
 @pytest.mark.parametrize("corruption", ["NaN samples", "deleted after preparation"])
-def test_files_that_pass_preparation_fail_at_loading_naming_the_file(data, tmp_path, corruption):
+def test_files_that_pass_preparation_fail_at_loading_naming_the_file(corpus_copy, tmp_path, corruption):
     """Preparation reads headers only (fast on 50k files): NaN samples are found when the file is read."""
-    csvs = prepare_librimix(str(data), str(tmp_path), splits=["dev"])
-    bad = dev_file(data, "s2")
+    csvs = prepare_librimix(str(corpus_copy), str(tmp_path), splits=["dev"])
+    bad = dev_file(corpus_copy, "s2")
     if corruption == "NaN samples":
         signal, rate = sf.read(bad, dtype="float32")
         signal[10] = np.nan
         sf.write(bad, signal, rate, subtype="FLOAT")
     else:
         os.remove(bad)
-    dataset = separation_dataset(csvs["dev"], str(data / "Libri2Mix"), num_spks=2, sample_rate=8000)
+    dataset = separation_dataset(csvs["dev"], str(corpus_copy / "Libri2Mix"), num_spks=2, sample_rate=8000)
     with pytest.raises(AudioError) as info:
         dataset[0]
     assert str(bad) in str(info.value) and ("NaN" in str(info.value) or "no such file" in str(info.value))
 
 
-def test_train_py_stops_at_a_nan_training_file_naming_it(data, tmp_path):
-    bad = min((data / "Libri2Mix" / "wav8k" / "min" / "train-360" / "s1").iterdir())
+def test_train_py_stops_at_a_nan_training_file_naming_it(corpus_copy, tmp_path):
+    bad = min((corpus_copy / "Libri2Mix" / "wav8k" / "min" / "train-360" / "s1").iterdir())
     signal, rate = sf.read(bad, dtype="float32")
     signal[10] = np.nan
     sf.write(bad, signal, rate, subtype="FLOAT")
     out = tmp_path / "out"
     tiny = [f"--{key}={value}" for key, value in TINY_MODEL.items()]
-    cmd = [sys.executable, "train.py", "hparams/umamba.yaml", "--data_folder", str(data), "--output_folder", str(out),
+    cmd = [sys.executable, "train.py", "hparams/umamba.yaml", "--data_folder", str(corpus_copy), "--output_folder", str(out),
            "--device", "cpu", *tiny, "--reverb", "False", "--batch_size", "1", "--segment_seconds", "0.5",
            "--N_epochs", "1", "--compute_pesq", "False", "--compute_stoi", "False", "--noprogressbar"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -148,18 +132,18 @@ def test_train_py_stops_at_a_nan_training_file_naming_it(data, tmp_path):
     ],
     ids=["row with a missing field", "missing column", "empty path"],
 )
-def test_prepared_csv_defects_name_the_csv(data, tmp_path, edit, message):
-    path = prepare_librimix(str(data), str(tmp_path), splits=["dev"])["dev"]
+def test_prepared_csv_defects_name_the_csv(corpus_copy, tmp_path, edit, message):
+    path = prepare_librimix(str(corpus_copy), str(tmp_path), splits=["dev"])["dev"]
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(edit(rows))
     with pytest.raises(ValueError) as info:
-        separation_dataset(path, str(data / "Libri2Mix"), num_spks=2, sample_rate=8000, with_noise=True)
+        separation_dataset(path, str(corpus_copy / "Libri2Mix"), num_spks=2, sample_rate=8000, with_noise=True)
     assert path in str(info.value) and message in str(info.value), str(info.value)
     if "column" not in message:  # the dynamic-mixing speech list reads the same CSV
         with pytest.raises(ValueError, match="line"):
-            librimix_utterances(path, str(data / "Libri2Mix"), num_spks=2)
+            librimix_utterances(path, str(corpus_copy / "Libri2Mix"), num_spks=2)
 
 
 def test_dynamic_mixing_nan_file_is_named_and_a_silent_talker_stays_silent(tmp_path):

@@ -2,14 +2,12 @@
 
 import csv
 import os
-import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 from speechbrain.dataio.dataset import DynamicItemDataset
 
-from umamba.data.demo_corpus import make_demo_corpus
 from umamba.data.librimix import (
     LibriMixFormatError,
     LibriMixNotFoundError,
@@ -18,21 +16,6 @@ from umamba.data.librimix import (
 )
 
 SPLITS = ("train-360", "dev", "test")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tiny demo corpus (never modified: tests that break it work on a copy)."""
-    root = tmp_path_factory.mktemp("corpus")
-    make_demo_corpus(str(root), n_train=3, n_valid=2, n_test=2, seconds=1.0, voices="synthetic")
-    return root
-
-
-@pytest.fixture
-def corpus_copy(corpus, tmp_path):
-    """A private copy of the corpus that a test may break."""
-    shutil.copytree(corpus, tmp_path / "data")
-    return tmp_path / "data"
 
 
 def _read_csv(path):
