@@ -194,3 +194,30 @@ def test_masks_that_share_memory_are_not_overwritten():
     assert not _owns_storage(masknet.forward(torch.zeros(1, 32, 5)))
     assert torch.allclose(est[..., 0], est[..., 1])
     assert _owns_storage(torch.zeros(2, 3).t()) and not _owns_storage(torch.zeros(4)[:2])
+
+
+def test_bottleneck_gln_folded_into_the_conv_at_inference():
+    """The input gLN folded into the 1x1 conv (inference) equals gLN then conv, batch by batch."""
+    from umamba.fast_paths import module_path
+
+    torch.manual_seed(0)
+    net = tiny_masknet().eval()
+    with torch.no_grad():
+        net.bottleneck[0].weight.normal_()
+        net.bottleneck[0].bias.normal_()
+    x = torch.relu(torch.randn(3, 32, 57)) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]  # per-item scales
+    exact = net.bottleneck.double()(x.double()).detach()
+    net.float()
+    with torch.no_grad():
+        folded = net._bottleneck(x)
+        with module_path():
+            modules = net._bottleneck(x)
+    assert folded.shape == (3, 16, 57)
+    torch_error = (modules.double() - exact).abs().max()
+    assert (folded.double() - exact).abs().max() <= 4 * torch_error + 1e-7 * exact.abs().max()
+    calls = []
+    handle = net.bottleneck[1].register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        net._bottleneck(x)
+    handle.remove()
+    assert calls == [1]  # a hooked conv is called as a module

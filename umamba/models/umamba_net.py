@@ -16,12 +16,14 @@ Shapes (B batch, N encoder filters, F feature width, H U-Net width, L frames)::
     --PReLU + 1x1 conv--> [B, n_src * N, L] --activation--> [n_src, B, N, L]
 """
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from umamba import fast_paths
 from umamba.mamba import Mamba
+from umamba.models import layer_norm_cpu
 
 
 def global_layer_norm(channels: int) -> nn.GroupNorm:
@@ -116,7 +118,8 @@ class UBlock(nn.Module):
         if self._fused_cpu(x):
             from umamba.models.ublock_cpu import ublock_inner
 
-            return x + self.proj_out[2](ublock_inner(self, self.proj_in[0](x)))
+            # no hooks on proj_out[2] (checked above): its output can take the residual in place
+            return self.proj_out[2](ublock_inner(self, self.proj_in[0](x))).add_(x)
         levels = [self.down[0](self.proj_in(x))]  # [B, H, L]
         for conv in self.down[1:]:
             levels.append(conv(levels[-1]))  # [B, H, ceil(L / 2^k)]
@@ -129,6 +132,10 @@ class UBlock(nn.Module):
 
 class MambaLayer(nn.Module):
     """Pre-norm residual Mamba over time on channel-first features: ``x + Mamba(LayerNorm(x))``.
+
+    CPU float32 inference normalises channel-first in one pass (:mod:`umamba.models.layer_norm_cpu`)
+    and adds the residual in place, unless :func:`umamba.fast_paths.module_path` is in force or
+    the modules have hooks.
 
     Arguments
     ---------
@@ -151,8 +158,14 @@ class MambaLayer(nn.Module):
 
     def forward(self, x):
         """[B, F, L] -> [B, F, L]."""
-        h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # LayerNorm over F for each frame
-        return x + self.mamba(h, channels_first=True)
+        if layer_norm_cpu.applies(self.norm, x):  # CPU inference: one pass, channel-first
+            h = layer_norm_cpu.layer_norm_channels(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        else:
+            h = self.norm(x.transpose(1, 2)).transpose(1, 2)  # LayerNorm over F for each frame
+        out = self.mamba(h, channels_first=True)
+        if fast_paths.may_stand_in(out, [self.mamba]):  # inference, nobody hooked on out: add in place
+            return out.add_(x)
+        return x + out
 
 
 MASK_ACTIVATIONS = {  # on [B, n_src, N, L]; in place when no gradient is needed
@@ -241,10 +254,35 @@ class UMambaMaskNet(nn.Module):
         self.blocks = nn.Sequential(*layers)
         self.mask_head = nn.Sequential(nn.PReLU(), nn.Conv1d(out_channels, num_spks * in_channels, 1))
 
+    def _bottleneck(self, x):
+        """gLN + 1x1 convolution: [B, N, L] -> [B, F, L].
+
+        At CPU float32 inference the gLN, a per-channel affine map once its statistics are known,
+        is folded into the convolution's weights and bias (in float64): one pass over ``x`` for
+        the statistics, and none to write and read back the normalised [B, N, L] tensor.
+        """
+        norm, conv = self.bottleneck
+        if not fast_paths.may_stand_in(x, [self.bottleneck, norm, conv]):
+            return self.bottleneck(x)
+        from umamba.models import ublock_cpu  # numba is imported on the first CPU inference
+
+        if not ublock_cpu.is_enabled():
+            return self.bottleneck(x)
+        x = x.contiguous()
+        stats = ublock_cpu.channel_stats(x.numpy())
+        scale, shift = ublock_cpu.group_norm_affine(stats, x.shape[-1], norm.weight, norm.bias, norm.eps, np.float64)
+        weight = conv.weight[:, :, 0].double()  # [F, N]
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64) if conv.bias is None else conv.bias.double()
+        out = []
+        for b in range(x.shape[0]):  # conv(x * scale + shift) = (weight * scale) x + (bias + weight @ shift)
+            folded = (weight * torch.from_numpy(scale[b])).to(x.dtype).unsqueeze(-1)
+            out.append(F.conv1d(x[b : b + 1], folded, (bias + weight @ torch.from_numpy(shift[b])).to(x.dtype)))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
     def forward(self, x):
         """[B, N, L] encoder output -> [n_src, B, N, L] masks."""
         batch, _, length = x.shape
-        h = self.blocks(self.bottleneck(x))  # [B, F, L]
+        h = self.blocks(self._bottleneck(x))  # [B, F, L]
         masks = self.mask_head(h).view(batch, self.num_spks, self.in_channels, length)
         inplace = not torch.is_grad_enabled()  # inference: no copy of the n_src x [B, N, L] masks
         return MASK_ACTIVATIONS[self.mask_activation](masks, inplace).transpose(0, 1)
