@@ -234,8 +234,10 @@ def test_growing_state_with_softplus():
     outs = []
     for nonpositive in (True, False):
         out = np.empty_like(x["u"])
-        scan_cpu._forward_kernel(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                                 True, True, nonpositive, out, np.empty((2, 2, 0, 16, LANES), np.float32))
+        no_proj = np.zeros((20, 1), np.float32)
+        no_states = np.empty((2, 2, 0, 16, LANES), np.float32)
+        scan_cpu._forward_kernel(x["u"], x["delta"], no_proj, False, x["A"], x["B"], x["C"], x["D"], x["z"],
+                                 x["delta_bias"], True, True, nonpositive, out, no_states)
         outs.append(out)
     assert np.array_equal(outs[0], outs[1])
 
@@ -276,3 +278,88 @@ def test_numba_start_up_leaves_torch_thread_count_alone():
     env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split()[-1] == "1"
+
+
+# (batch, dim, d_state, L, rank): one step; dim not a multiple of LANES, odd L; a Mamba block's
+# rank; several forward segments with the last one partial.
+PROJ_SHAPES = [(1, 16, 4, 1, 1), (3, 5, 4, 7, 2), (2, 20, 16, 150, 8), (1, 40, 3, CHUNK * SEGMENT + 77, 3)]
+
+
+@pytest.mark.parametrize("shape", PROJ_SHAPES)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_delta_proj_matches_projected_delta_and_reference(shape, options):
+    """Low-rank delta projected inside the kernel = the 1x1 convolution then the scan = the reference."""
+    batch, dim, d_state, length, rank = shape
+    with_D, with_z, with_bias, softplus = options
+    inputs = make_inputs(batch, dim, d_state, length, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(batch, rank, length, generator=g, dtype=torch.float64)
+    proj = torch.randn(dim, rank, generator=g, dtype=torch.float64) / math.sqrt(rank)
+    full = F.conv1d(low, proj[..., None])  # (batch, dim, L)
+    if not softplus:  # raw step sizes must be positive: a positive projection of positive values
+        low, proj, full = low.abs(), proj.abs(), F.conv1d(low.abs(), proj.abs()[..., None])
+    ref = reference_scan(**{**inputs, "delta": full}, delta_softplus=softplus)
+    args = {k: v for k, v in inputs.items() if k != "delta"}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        cast = {k: None if v is None else v.to(dtype) for k, v in args.items()}
+        with torch.no_grad():
+            out = selective_scan_cpu(**cast, delta=low.to(dtype), delta_proj=proj.to(dtype), delta_softplus=softplus)
+            unfused = selective_scan_cpu(
+                **cast, delta=F.conv1d(low.to(dtype), proj.to(dtype)[..., None]), delta_softplus=softplus
+            )
+        assert out.dtype == dtype
+        assert rel_error(out, ref) < tol
+        torch.testing.assert_close(out, unfused, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_delta_proj_needs_no_grad_and_its_shape():
+    inputs = as_float32(make_inputs(2, 4, 3, 10))
+    inputs["delta"] = torch.randn(2, 2, 10)
+    proj = torch.randn(4, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="delta_proj has no backward"):
+        selective_scan_cpu(**inputs, delta_proj=proj)
+    with torch.no_grad():
+        assert selective_scan_cpu(**inputs, delta_proj=proj).shape == (2, 4, 10)
+    with pytest.raises(ValueError, match=re.escape("delta_proj must be (dim, rank) with dim = 4")):
+        selective_scan_cpu(**inputs, delta_proj=torch.randn(5, 2))
+    with pytest.raises(ValueError, match=re.escape("delta must have shape (2, 3, 10)")):
+        selective_scan_cpu(**inputs, delta_proj=torch.randn(4, 3))
+    from umamba.mamba.scan import selective_scan
+
+    with pytest.raises(ValueError, match="delta_proj needs the 'cpu' backend"):
+        selective_scan(**inputs, delta_proj=proj.detach(), backend="torch")
+
+
+def test_mamba_block_folds_dt_proj_only_in_cpu_inference(monkeypatch):
+    """In CPU inference the block hands dt_proj to the scan; with a gradient, hooks on dt_proj or
+    inside fast_paths.module_path() it applies dt_proj itself. The outputs agree."""
+    from umamba import fast_paths
+    from umamba.mamba import block
+
+    seen = []
+    scan = block.selective_scan
+
+    def recording_scan(*args, **kwargs):
+        seen.append(kwargs.get("delta_proj") is not None)
+        return scan(*args, **kwargs)
+
+    monkeypatch.setattr(block, "selective_scan", recording_scan)
+    torch.manual_seed(0)
+    layer = block.Mamba(d_model=24, d_state=8, backend="cpu")  # d_inner 48, dt_rank 2
+    x = torch.randn(2, 75, 24)
+    with torch.no_grad():
+        fused = layer(x)
+        assert seen == [True]
+        with fast_paths.module_path():
+            switched_off = layer(x)
+        handle = layer.dt_proj.register_forward_hook(lambda *args: None)
+        hooked = layer(x)
+        handle.remove()
+    assert seen == [True, False, False]
+    trained = layer(x)
+    assert seen == [True, False, False, False]
+    reference = block.Mamba(d_model=24, d_state=8, backend="torch")
+    reference.load_state_dict(layer.state_dict())
+    expected = reference(x).detach()
+    for out in (fused, switched_off, hooked, trained):
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-5)

@@ -181,11 +181,33 @@ class Mamba(nn.Module):
             x = F.silu(conv1d(x)[..., : x.shape[-1]])  # causal: keep the first l outputs
         x_dbl = _project(x_proj.weight, x)  # (b, r + 2n, l): x_proj, channel-first
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = _project(dt_proj.weight, dt)  # (b, e, l); its bias goes to the scan
+        # CPU inference: the numba scan applies dt_proj itself while it loads dt (b, r, l), instead
+        # of a 1x1 convolution writing a (b, e, l) tensor for it to read back. The module runs
+        # as such inside fast_paths.module_path() and when it has hooks.
+        from umamba import fast_paths
+        from umamba.mamba.scan import resolve_backend
+
+        fold_dt_proj = (
+            fast_paths.enabled()
+            and not fast_paths.has_hooks(dt_proj)
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not (
+                torch.is_grad_enabled()
+                and any(
+                    t is not None and t.requires_grad
+                    for t in (x, z, x_proj.weight, dt_proj.weight, dt_proj.bias, A_log, D)
+                )
+            )
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+            and resolve_backend(self.backend, x.device) == "cpu"
+        )
+        if not fold_dt_proj:
+            dt = _project(dt_proj.weight, dt)  # (b, e, l); its bias goes to the scan
         A = -torch.exp(_at_least_fp32(A_log))  # (e, n)
         return selective_scan(
             x,
-            dt,
+            dt,  # (b, e, l), or (b, r, l) with delta_proj
             A,
             B,  # (b, n, l)
             C,
@@ -194,6 +216,7 @@ class Mamba(nn.Module):
             delta_bias=_at_least_fp32(dt_proj.bias),
             delta_softplus=True,
             backend=self.backend,
+            delta_proj=dt_proj.weight if fold_dt_proj else None,  # (e, r)
         )
 
     def forward(self, hidden_states, channels_first=False):

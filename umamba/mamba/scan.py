@@ -202,11 +202,16 @@ _announced = set()
 
 
 def selective_scan(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto"
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend="auto", delta_proj=None
 ):
     """Selective scan with the chosen backend; see the module docstring for the maths.
 
     The backend that runs is logged once per (backend, device type).
+
+    ``delta_proj`` (dim, rank), for inference with the ``"cpu"`` backend only: ``delta`` is then
+    low-rank, (batch, rank, L), and the kernel computes ``delta_proj @ delta`` as it loads it
+    (see :func:`umamba.mamba.scan_cpu.selective_scan_cpu`). Any other backend raises a
+    ValueError, and the cpu backend a RuntimeError when a gradient is needed.
 
     Example
     -------
@@ -219,6 +224,8 @@ def selective_scan(
     if (name, u.device.type) not in _announced:
         _announced.add((name, u.device.type))
         logger.info("Mamba selective scan backend: %s (device %s)", name, u.device.type)
+    if delta_proj is not None and name != "cpu":
+        raise ValueError(f"selective_scan: delta_proj needs the 'cpu' backend, not {name!r}; project delta first")
     if name == "cuda":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -230,7 +237,8 @@ def selective_scan(
         from umamba.mamba.scan_cpu import selective_scan_cpu
 
         return selective_scan_cpu(
-            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
+            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            delta_proj=delta_proj,
         )
     return selective_scan_torch(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus

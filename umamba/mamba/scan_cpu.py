@@ -21,6 +21,11 @@ Design
   of ``SEGMENT`` chunks per channel at a time (long contiguous runs; the per-chunk loops cost
   more in set-up than in work), the recurrence chunk by chunk, then the output and its gate
   over the segment. No derivatives: the backward recomputes what it needs from the inputs.
+- Inference can hand the kernel the Mamba block's low-rank step sizes (batch, r, L) and their
+  (dim, r) projection (``delta_proj``): the loader projects a segment of each channel, r
+  multiply-adds over the segment in L1 cache, instead of a 1x1 convolution writing the
+  (batch, dim, L) delta for the kernel to read back. The backward needs the full delta, so this
+  path is forward only.
 - float32 uses a vectorisable ``exp`` and ``log1p`` (Cephes polynomials, within 2 ulp) instead
   of the scalar libm calls, which would stop vectorisation; float64 (for ``gradcheck``) keeps
   libm. Results that are not normal floats saturate: ``exp`` gives exactly 0 below
@@ -321,19 +326,38 @@ def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
 
 
 @_jit_inline
-def _load_steps(u, delta, bias, softplus, b, d0, l0, rows):
+def _load_steps(u, delta, proj, project, bias, softplus, b, d0, l0, rows):
     """The forward's share of :func:`_load_chunk`, over a segment of up to ``rows.shape[2]`` steps
-    from ``l0``: ``rows[_F_DT, v]`` = delta', ``rows[_F_DTU, v]`` = delta' * u."""
+    from ``l0``: ``rows[_F_DT, v]`` = delta', ``rows[_F_DTU, v]`` = delta' * u.
+
+    With ``project``, ``delta`` is low-rank, (batch, r, L), and the channel's delta is first
+    projected into ``rows[_F_DT, v]``: ``proj[d] @ delta[b, :, l0:l0 + steps]`` (``proj`` (dim, r)),
+    one rank at a time, each a multiply-add over the whole segment in L1 cache.
+    """
     zero = u.dtype.type(0)
     steps = min(rows.shape[2], u.shape[2] - l0)
     for v in range(min(LANES, u.shape[1] - d0)):
         d = d0 + v
         bias_d = bias[d]
-        for j in range(steps):
-            x = delta[b, d, l0 + j] + bias_d
-            dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
-            rows[_F_DT, v, j] = dt
-            rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
+        if project:
+            w_0 = proj[d, 0]
+            for j in range(steps):
+                rows[_F_DT, v, j] = w_0 * delta[b, 0, l0 + j]
+            for r in range(1, proj.shape[1]):
+                w_r = proj[d, r]
+                for j in range(steps):
+                    rows[_F_DT, v, j] += w_r * delta[b, r, l0 + j]
+            for j in range(steps):
+                x = rows[_F_DT, v, j] + bias_d
+                dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
+                rows[_F_DT, v, j] = dt
+                rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
+        else:
+            for j in range(steps):
+                x = delta[b, d, l0 + j] + bias_d
+                dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
+                rows[_F_DT, v, j] = dt
+                rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
 
 
 @_jit_inline
@@ -393,12 +417,13 @@ def _scan_steps(B, C, b, l0, steps, cols, state, nonpositive):
 
 
 @_jit
-def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, nonpositive, out, states):
+def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_z, nonpositive, out, states):
     """Writes the scan into ``out``, and each chunk's initial state into ``states`` unless its chunk axis is empty.
 
-    Shapes: u, delta, z, out (batch, dim, L); A (dim, N); B, C (batch, N, L); D, bias (dim,);
-    states (batch, n_blocks, n_chunks or 0, N, LANES) with n_blocks = ceil(dim / LANES).
-    Lanes past the last channel compute zeros.
+    Shapes: u, z, out (batch, dim, L); delta (batch, dim, L), or (batch, r, L) with ``project``,
+    which projects it by ``proj`` (dim, r >= 1; unread otherwise); A (dim, N); B, C (batch, N, L);
+    D, bias (dim,); states (batch, n_blocks, n_chunks or 0, N, LANES) with
+    n_blocks = ceil(dim / LANES). Lanes past the last channel compute zeros.
     """
     batch, dim, length = u.shape
     d_state = A.shape[1]
@@ -415,7 +440,7 @@ def _forward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, nonpositive,
         for s in range((length + span - 1) // span):
             l_seg = s * span
             seg_steps = min(span, length - l_seg)
-            _load_steps(u, delta, bias, softplus, b, d0, l_seg, rows)
+            _load_steps(u, delta, proj, project, bias, softplus, b, d0, l_seg, rows)
             for k in range((seg_steps + CHUNK - 1) // CHUNK):
                 j_chunk = k * CHUNK
                 l0 = l_seg + j_chunk
@@ -594,25 +619,33 @@ def _use_torch_threads() -> int:
     return threads
 
 
+def _forward(u, delta, delta_proj, A, B, C, D, z, delta_bias, delta_softplus, save_states):
+    """Runs :func:`_forward_kernel`; arguments checked and in one dtype. Returns the output and
+    the chunk states, (batch, n_blocks, ceil(L / CHUNK), d_state, LANES), empty unless ``save_states``."""
+    batch, dim, length = u.shape
+    d_state = A.shape[1]
+    zeros = torch.zeros(dim, dtype=u.dtype)
+    n_blocks = -(-dim // LANES)
+    n_saved = -(-length // CHUNK) if save_states else 0
+    states = u.new_empty(batch, n_blocks, n_saved, d_state, LANES)
+    out = u.new_empty(u.shape)
+    project = delta_proj is not None
+    _use_torch_threads()
+    _forward_kernel(
+        _array(u), _array(delta), _array(delta_proj if project else zeros[:, None]), project,
+        _array(A), _array(B), _array(C), _array(zeros if D is None else D), _array(u if z is None else z),
+        _array(zeros if delta_bias is None else delta_bias), bool(delta_softplus), z is not None,
+        bool(delta_softplus) and bool((A <= 0).all()), out.numpy(), states.numpy(),
+    )
+    return out, states
+
+
 class _SelectiveScan(torch.autograd.Function):
     """Autograd wrapper of the kernels; arguments already checked and in one dtype."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
-        batch, dim, length = u.shape
-        d_state = A.shape[1]
-        zeros = torch.zeros(dim, dtype=u.dtype)
-        n_blocks = -(-dim // LANES)
-        n_saved = -(-length // CHUNK) if save_states else 0
-        states = u.new_empty(batch, n_blocks, n_saved, d_state, LANES)
-        out = u.new_empty(u.shape)
-        _use_torch_threads()
-        _forward_kernel(
-            _array(u), _array(delta), _array(A), _array(B), _array(C),
-            _array(zeros if D is None else D), _array(u if z is None else z),
-            _array(zeros if delta_bias is None else delta_bias), bool(delta_softplus), z is not None,
-            bool(delta_softplus) and bool((A <= 0).all()), out.numpy(), states.numpy(),
-        )
+        out, states = _forward(u, delta, None, A, B, C, D, z, delta_bias, delta_softplus, save_states)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.delta_softplus = bool(delta_softplus)
         return out
@@ -646,9 +679,10 @@ class _SelectiveScan(torch.autograd.Function):
         )
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj=None):
     """Raises a ValueError naming the argument whose device, dtype or shape does not fit."""
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
+             "delta_proj": delta_proj}
     for name, tensor in named.items():
         if tensor is None:
             continue
@@ -664,8 +698,14 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"selective_scan_cpu: A must be (dim, d_state) with dim = {dim}, got shape {tuple(A.shape)}")
     d_state = A.shape[1]
+    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != dim or delta_proj.shape[1] < 1):
+        raise ValueError(
+            f"selective_scan_cpu: delta_proj must be (dim, rank) with dim = {dim} and rank >= 1, "
+            f"got shape {tuple(delta_proj.shape)}"
+        )
+    rank = dim if delta_proj is None else delta_proj.shape[1]
     expected = {
-        "delta": (batch, dim, length), "B": (batch, d_state, length), "C": (batch, d_state, length),
+        "delta": (batch, rank, length), "B": (batch, d_state, length), "C": (batch, d_state, length),
         "D": (dim,), "z": (batch, dim, length), "delta_bias": (dim,),
     }
     for name, shape in expected.items():
@@ -684,6 +724,7 @@ def selective_scan_cpu(
     z: torch.Tensor = None,
     delta_bias: torch.Tensor = None,
     delta_softplus: bool = False,
+    delta_proj: torch.Tensor = None,
 ) -> torch.Tensor:
     """Selective scan on CPU tensors with numba kernels; differentiable in every tensor argument.
 
@@ -691,12 +732,18 @@ def selective_scan_cpu(
     float64 when ``u`` is float64 and in float32 otherwise. Memory: the output, plus (when a
     gradient is needed) the state every ``CHUNK`` steps, a quarter of ``u`` for d_state = 16.
 
+    For inference, ``delta`` may come low-rank, as a Mamba block makes it, with the projection
+    that expands it (``dt_proj.weight``): the kernel projects each channel's step sizes while it
+    loads them, ``delta[b, d, t] = sum_k delta_proj[d, k] * delta_low[b, k, t]``, instead of a
+    separate 1x1 convolution writing a (batch, dim, L) tensor for the scan to read back. That
+    path has no backward: it raises when a gradient is needed.
+
     Arguments
     ---------
     u : torch.Tensor
         Input, (batch, dim, L).
     delta : torch.Tensor
-        Step sizes before bias and softplus, (batch, dim, L).
+        Step sizes before bias and softplus, (batch, dim, L); (batch, rank, L) with ``delta_proj``.
     A : torch.Tensor
         State matrix (diagonal, real, normally negative), (dim, d_state).
     B : torch.Tensor
@@ -711,6 +758,10 @@ def selective_scan_cpu(
         Added to ``delta``, (dim,).
     delta_softplus : bool
         Apply softplus to ``delta + delta_bias``.
+    delta_proj : torch.Tensor, optional
+        (dim, rank): ``delta`` is low-rank and the step sizes are ``delta_proj @ delta`` (per
+        batch element). Only where no gradient is needed (grad mode off, or no argument
+        requires one); a RuntimeError otherwise.
 
     Returns
     -------
@@ -726,12 +777,31 @@ def selective_scan_cpu(
     torch.Size([2, 4, 10])
     >>> y.sum().backward(); u.grad.shape
     torch.Size([2, 4, 10])
+
+    Low-rank step sizes, projected inside the kernel (inference only):
+
+    >>> W = torch.randn(4, 2); delta_low = torch.randn(2, 2, 10)
+    >>> with torch.no_grad():
+    ...     y_low = selective_scan_cpu(u, delta_low, A, B, C, delta_proj=W, delta_softplus=True)
+    ...     y_full = selective_scan_cpu(u, W @ delta_low, A, B, C, delta_softplus=True)
+    >>> torch.allclose(y_low, y_full, atol=1e-5)
+    True
     """
     if not is_available():
         raise RuntimeError("selective_scan_cpu needs numba; install it or use the 'torch' scan backend")
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj)
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    tensors = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    tensors = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj)]
     # Checkpoints only when autograd will call the backward (forward() itself runs without grad).
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _SelectiveScan.apply(*tensors, bool(delta_softplus), save_states).to(u.dtype)
+    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, proj_c = tensors  # in the compute dtype
+    if delta_proj is None:
+        out = _SelectiveScan.apply(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus), save_states)
+        return out.to(u.dtype)
+    if save_states:
+        raise RuntimeError(
+            "selective_scan_cpu: delta_proj has no backward; a gradient is needed here, so project "
+            "delta first (delta_proj @ delta) and pass it without delta_proj, or run under torch.no_grad()"
+        )
+    out, _ = _forward(u_c, delta_c, proj_c, A_c, B_c, C_c, D_c, z_c, bias_c, delta_softplus, False)
+    return out.to(u.dtype)
