@@ -185,15 +185,19 @@ def test_extreme_values():
 
 @scan_cpu.numba.njit
 def _elementwise(xs, function):
-    """0: _exp, 1: _log1p_unit, 2: _exp_nonpositive, elementwise."""
+    """0: _exp, 1: _log1p_unit, 2: _exp_nonpositive, 3: _decay, 4: _decay_negative, elementwise."""
     out = np.empty_like(xs)
     for i in range(xs.size):
         if function == 0:
             out[i] = scan_cpu._exp(xs[i])
         elif function == 1:
             out[i] = scan_cpu._log1p_unit(xs[i])
-        else:
+        elif function == 2:
             out[i] = scan_cpu._exp_nonpositive(xs[i])
+        elif function == 3:
+            out[i] = scan_cpu._decay(xs[i])
+        else:
+            out[i] = scan_cpu._decay_negative(xs[i])
     return out
 
 
@@ -220,24 +224,40 @@ def test_float32_exp_and_log1p_are_accurate():
     assert _elementwise(np.zeros(1, dtype=np.float32), 1)[0] == 0
 
 
+def test_float32_decay_is_accurate():
+    """The forward recurrence's decay 2**x (float32 polynomial): within 2 ulp of float64 numpy on
+    [-126, 127.5); 2**-126 below (not 0), inf above, NaN for NaN; the unchecked variant for the
+    path where A < 0 gives the same values for x <= 0."""
+    ulp = 2.0**-23
+    xs = np.concatenate([np.linspace(-126, 127.49, 400001), np.linspace(-1, 1, 100001)]).astype(np.float32)
+    got = _elementwise(xs, 3)
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got / np.exp2(xs.astype(np.float64)) - 1)) < 2 * ulp
+    smallest = np.finfo(np.float32).tiny  # 2**-126
+    edges = _elementwise(np.array([-np.inf, -200, -126.4, 0, 127.5, 200, np.inf, np.nan], dtype=np.float32), 3)
+    assert edges[:7].tolist() == [smallest] * 3 + [1.0] + [np.inf] * 3 and math.isnan(edges[7])
+    xs = np.concatenate([xs[xs <= 0], np.array([-np.inf, -200, -126.4], dtype=np.float32)])
+    assert np.array_equal(_elementwise(xs, 4), _elementwise(xs, 3))
+
+
 def test_growing_state_with_softplus():
-    """Softplus on but some A > 0: the forward recurrence needs exp's overflow check (the path
-    for A <= 0 skips it); results as the reference, and the two paths agree where both apply."""
+    """Softplus on but some A > 0: the forward recurrence needs the decay's overflow check (the
+    path for A < 0 skips it); results as the reference, and the two paths agree where both apply."""
     inputs = make_inputs(2, 20, 16, 150)
     inputs["A"][:, ::3] = 0.02  # exp(delta' * A) > 1: the state grows, slowly
     (out, grads), (ref_out, ref_grads) = run_both(inputs, True, torch.float32)
     assert rel_error(out, ref_out) < 1e-5
     for name in grads:
         assert rel_error(grads[name], ref_grads[name]) < 1e-5, name
-    # A <= 0: the kernel's two recurrences give the same bits
+    # A < 0: the kernel's two recurrences give the same bits
     x = {k: v.float().numpy() for k, v in make_inputs(2, 20, 16, 150).items()}
     outs = []
-    for nonpositive in (True, False):
+    for negative in (True, False):
         out = np.empty_like(x["u"])
         no_proj = np.zeros((20, 1), np.float32)
         no_states = np.empty((2, 2, 0, 16, LANES), np.float32)
         scan_cpu._forward_kernel(x["u"], x["delta"], no_proj, False, x["A"], x["B"], x["C"], x["D"], x["z"],
-                                 x["delta_bias"], True, True, nonpositive, out, no_states)
+                                 x["delta_bias"], True, True, negative, out, no_states)
         outs.append(out)
     assert np.array_equal(outs[0], outs[1])
 

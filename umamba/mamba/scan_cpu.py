@@ -32,10 +32,17 @@ Design
   ``exp(-87.34)`` and inf above ``exp(88.38)``; NaNs propagate. The kernels use fast-math
   contraction and reassociation but never assume finite values. ``exp`` scales by ``2**k``
   with an integer add to the exponent bits and replaces out-of-range results at the end, with
-  no clamping; where its argument cannot be positive it skips the overflow check: in softplus
-  and sigmoid (``exp(-|x|)``), and in the forward recurrence when softplus is on and
-  ``A <= 0`` (checked at every call; the usual Mamba case). Each check costs two instructions
-  in a loop of about twenty-five, and the forward recurrence is bound by the latency of ``exp``.
+  no clamping; in softplus and sigmoid (``exp(-|x|)``) it skips the overflow check.
+- The forward recurrence, about two thirds of the forward's time, is bound by the throughput
+  of its vector arithmetic, so its decay ``exp(delta' * A)`` is computed as ``2 ** (delta' * A')``
+  with ``A' = A * log2(e)`` (set once per channel block): the range reduction is then one exact
+  subtraction instead of three operations, and a degree-5 polynomial keeps it within 2 ulp. An
+  argument below -126 counts as -126 (one ``max``, where a result of exactly 0 would need a
+  compare and a select): the decay is then 2**-126 instead of 0, 1e-38 of the state it
+  multiplies, below float32's rounding of the sum. When softplus is on and every ``A`` is
+  negative and finite (checked at every call; the usual Mamba case), ``delta' * A'`` is <= 0,
+  and NaN only where delta' is NaN, which makes the state NaN anyway through ``delta' * u``: the
+  decay then skips its checks for overflow and NaN, four instructions in a loop of about twenty.
 - Bounded memory for the backward pass (checkpointing): the forward stores the state at the
   start of every chunk, (batch, ceil(dim / LANES), ceil(L / CHUNK), d_state, LANES): a quarter
   of the size of ``u`` for ``d_state = 16``, only when a gradient is needed. The backward walks
@@ -112,6 +119,16 @@ def _exp_nonpositive(x):
     return math.exp(x)
 
 
+def _decay(x):
+    """``2 ** x``, the forward recurrence's decay: vectorisable polynomial for float32, libm for float64."""
+    return math.exp2(x)
+
+
+def _decay_negative(x):
+    """:func:`_decay` for ``x <= 0``, where a NaN ``x`` need not propagate: no check for overflow or NaN."""
+    return math.exp2(x)
+
+
 def _log1p_unit(x):
     """``log1p`` on [0, 1] in the kernels: vectorisable polynomial for float32, libm for float64."""
     return math.log1p(x)
@@ -126,6 +143,11 @@ if numba is not None:
     # Below: under the smallest normal float32 (gives 0). Above: 2**k would need k = 128 (gives inf).
     _EXP_MIN, _EXP_MAX = _F32(-87.33654), _F32(88.37626)
     _ROUND = _F32(1.5 * 2**23)  # x + _ROUND rounds x to an integer, for |x| < 2**22
+    # 2**f = 1 + f * q(f) on [-1/2, 1/2], q of degree 5 fitted for the relative error (2e-9).
+    _EXP2_Q = tuple(_F32(c) for c in (0.0013264714507386088, 0.009671513922512531, 0.05550733953714371,
+                                       0.24022242426872253, 0.6931470036506653))
+    # 2**k * 2**f is a normal float for x in [-126, 127.5): k = round(x) in [-126, 127].
+    _EXP2_MIN, _EXP2_END = _F32(-126.0), _F32(127.5)
     # Cephes logf on [sqrt(1/2), sqrt(2)].
     _LOG_P = tuple(_F32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1,
                                       -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
@@ -179,6 +201,39 @@ if numba is not None:
         if x != types.float32:
             return lambda x: math.exp(x)
         return _exp_f32(False)
+
+    def _decay_f32(checked):
+        """The float32 ``2 ** x``. Arguments below -126 count as -126: 2**-126 (1e-38) instead of 0,
+        lost in the rounding of the state it multiplies, with one ``max`` instead of a compare and
+        a select. ``checked``: inf from _EXP2_END up and NaN for NaN, otherwise garbage."""
+        q0, q1, q2, q3, q4 = _EXP2_Q
+
+        def decay_f32(x):
+            xc = max(x, _EXP2_MIN)
+            t = xc + _ROUND  # k = round(xc) in the low bits of t
+            f = xc - (t - _ROUND)  # exact, in [-1/2, 1/2]: one op where exp's reduction takes three
+            q = (((q0 * f + q1) * f + q2) * f + q3) * f + q4
+            e = _times_pow2_f32(q * f + _F32(1.0), t)
+            if checked:
+                if x >= _EXP2_END:
+                    e = _F32(np.inf)
+                if x != x:
+                    e = x
+            return e
+
+        return decay_f32
+
+    @overload(_decay, jit_options=_HELPER_OPTIONS)
+    def _decay_overload(x):
+        if x != types.float32:
+            return lambda x: math.exp2(x)
+        return _decay_f32(True)
+
+    @overload(_decay_negative, jit_options=_HELPER_OPTIONS)
+    def _decay_negative_overload(x):
+        if x != types.float32:
+            return lambda x: math.exp2(x)
+        return _decay_f32(False)
 
     @overload(_log1p_unit, jit_options=_HELPER_OPTIONS)
     def _log1p_unit_overload(x):
@@ -292,6 +347,14 @@ def _sigmoid(x, e, one):
 
 
 @_jit_inline
+def _softplus(x, zero):
+    """``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` without overflow (NaN for NaN); ``zero``
+    is 0 in the dtype of ``x``. A select, not the ``max`` builtin: numba compiles that into a
+    function that LLVM does not always inline, and a call per element stops vectorisation."""
+    return (x if x > zero else zero) + _log1p_unit(_exp_nonpositive(-abs(x)))
+
+
+@_jit_inline
 def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
     """Fills ``rows[k]``'s slots _U, _DT (delta'), _DTU (delta' * u), _SIG (d delta' / d delta),
     _GATE (silu(z), or 1) and _DGATE (silu'(z), or 0) for the chunk at ``l0`` of channels ``d0:``."""
@@ -349,13 +412,13 @@ def _load_steps(u, delta, proj, project, bias, softplus, b, d0, l0, rows):
                     rows[_F_DT, v, j] += w_r * delta[b, r, l0 + j]
             for j in range(steps):
                 x = rows[_F_DT, v, j] + bias_d
-                dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
+                dt = _softplus(x, zero) if softplus else x
                 rows[_F_DT, v, j] = dt
                 rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
         else:
             for j in range(steps):
                 x = delta[b, d, l0 + j] + bias_d
-                dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
+                dt = _softplus(x, zero) if softplus else x
                 rows[_F_DT, v, j] = dt
                 rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
 
@@ -399,9 +462,11 @@ def _new_state(A, d0):
 
 
 @_jit_inline
-def _scan_steps(B, C, b, l0, steps, cols, state, nonpositive):
+def _scan_steps(B, C, b, l0, steps, cols, state, negative):
     """The forward recurrence over ``steps`` steps from ``l0``: updates the h slot of ``state``
-    and writes y into ``cols[:, _F_C_Y]``; ``nonpositive``: every delta' * A is <= 0 (or NaN)."""
+    and writes y into ``cols[:, _F_C_Y]``; ``negative``: every delta' * A is <= 0, and NaN only
+    where delta' is NaN (softplus on, A negative and finite): the decay skips its checks.
+    The A slot holds ``A * log2(e)``: decay = exp(delta' * A) = 2 ** (delta' * A * log2(e))."""
     zero = cols.dtype.type(0)
     for j in range(steps):
         for v in range(LANES):
@@ -410,26 +475,28 @@ def _scan_steps(B, C, b, l0, steps, cols, state, nonpositive):
             b_n, c_n = B[b, n, l0 + j], C[b, n, l0 + j]
             for v in range(LANES):
                 x = cols[j, _F_C_DT, v] * state[n, _A, v]
-                a_v = _exp_nonpositive(x) if nonpositive else _exp(x)
+                a_v = _decay_negative(x) if negative else _decay(x)
                 h_v = a_v * state[n, _H, v] + cols[j, _F_C_DTU, v] * b_n
                 state[n, _H, v] = h_v
                 cols[j, _F_C_Y, v] += c_n * h_v
 
 
 @_jit
-def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_z, nonpositive, out, states):
+def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_z, negative, out, states):
     """Writes the scan into ``out``, and each chunk's initial state into ``states`` unless its chunk axis is empty.
 
     Shapes: u, z, out (batch, dim, L); delta (batch, dim, L), or (batch, r, L) with ``project``,
     which projects it by ``proj`` (dim, r >= 1; unread otherwise); A (dim, N); B, C (batch, N, L);
     D, bias (dim,); states (batch, n_blocks, n_chunks or 0, N, LANES) with
-    n_blocks = ceil(dim / LANES). Lanes past the last channel compute zeros.
+    n_blocks = ceil(dim / LANES). Lanes past the last channel compute zeros. ``negative``: softplus
+    is on and every ``A * log2(e)`` is negative and finite (see :func:`_scan_steps`).
     """
     batch, dim, length = u.shape
     d_state = A.shape[1]
     n_blocks = (dim + LANES - 1) // LANES
     save = states.shape[2] > 0
     one = u.dtype.type(1)
+    log2e = u.dtype.type(1.4426950408889634)
     for task in prange(batch * n_blocks):
         b, blk = task // n_blocks, task % n_blocks
         d0 = blk * LANES
@@ -437,6 +504,9 @@ def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_
         rows = np.zeros((_N_F_ROWS, LANES, span), dtype=u.dtype)
         cols = np.zeros((CHUNK, _N_F_COLS, LANES), dtype=u.dtype)
         state = _new_state(A, d0)
+        for n in range(d_state):
+            for v in range(LANES):
+                state[n, _A, v] *= log2e
         for s in range((length + span - 1) // span):
             l_seg = s * span
             seg_steps = min(span, length - l_seg)
@@ -451,7 +521,7 @@ def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_
                             states[b, blk, l0 // CHUNK, n, v] = state[n, _H, v]
                 _tiles_to_cols(rows, _F_DT * LANES * span + j_chunk, span, cols, _F_C_DT, steps)
                 _tiles_to_cols(rows, _F_DTU * LANES * span + j_chunk, span, cols, _F_C_DTU, steps)
-                if nonpositive:
+                if negative:
                     _scan_steps(B, C, b, l0, steps, cols, state, True)
                 else:
                     _scan_steps(B, C, b, l0, steps, cols, state, False)
@@ -635,7 +705,8 @@ def _forward(u, delta, delta_proj, A, B, C, D, z, delta_bias, delta_softplus, sa
         _array(u), _array(delta), _array(delta_proj if project else zeros[:, None]), project,
         _array(A), _array(B), _array(C), _array(zeros if D is None else D), _array(u if z is None else z),
         _array(zeros if delta_bias is None else delta_bias), bool(delta_softplus), z is not None,
-        bool(delta_softplus) and bool((A <= 0).all()), out.numpy(), states.numpy(),
+        bool(delta_softplus) and bool(((A < 0) & torch.isfinite(A * math.log2(math.e))).all()),
+        out.numpy(), states.numpy(),
     )
     return out, states
 
