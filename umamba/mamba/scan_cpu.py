@@ -347,14 +347,6 @@ def _sigmoid(x, e, one):
 
 
 @_jit_inline
-def _softplus(x, zero):
-    """``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` without overflow (NaN for NaN); ``zero``
-    is 0 in the dtype of ``x``. A select, not the ``max`` builtin: numba compiles that into a
-    function that LLVM does not always inline, and a call per element stops vectorisation."""
-    return (x if x > zero else zero) + _log1p_unit(_exp_nonpositive(-abs(x)))
-
-
-@_jit_inline
 def _load_chunk(u, delta, z, bias, softplus, has_z, b, d0, l0, rows, k):
     """Fills ``rows[k]``'s slots _U, _DT (delta'), _DTU (delta' * u), _SIG (d delta' / d delta),
     _GATE (silu(z), or 1) and _DGATE (silu'(z), or 0) for the chunk at ``l0`` of channels ``d0:``."""
@@ -412,13 +404,13 @@ def _load_steps(u, delta, proj, project, bias, softplus, b, d0, l0, rows):
                     rows[_F_DT, v, j] += w_r * delta[b, r, l0 + j]
             for j in range(steps):
                 x = rows[_F_DT, v, j] + bias_d
-                dt = _softplus(x, zero) if softplus else x
+                dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
                 rows[_F_DT, v, j] = dt
                 rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
         else:
             for j in range(steps):
                 x = delta[b, d, l0 + j] + bias_d
-                dt = _softplus(x, zero) if softplus else x
+                dt = max(x, zero) + _log1p_unit(_exp_nonpositive(-abs(x))) if softplus else x
                 rows[_F_DT, v, j] = dt
                 rows[_F_DTU, v, j] = dt * u[b, d, l0 + j]
 
