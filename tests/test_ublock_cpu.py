@@ -285,3 +285,54 @@ def test_count_macs_sees_every_convolution_of_the_block(fused_calls):
     expected = 2 * length * channels * hidden + sum(hidden * n * kernel_size for n in levels)
     assert count_macs(block, torch.randn(1, channels, length)) == expected
     assert not fused_calls
+
+
+# --- the whole inner part in float64, large level means, modules without parameters -------------
+
+
+def fused_inner(block, x):
+    """``block(x) - x`` through :func:`ublock_cpu.ublock_inner` (any dtype)."""
+    with torch.no_grad():
+        return block.proj_out[2](ublock_cpu.ublock_inner(block, block.proj_in[0](x)))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+@pytest.mark.parametrize("length", [1, 5, 33, 129, 257, 999, 2 * TILE + 3])
+def test_fused_inner_is_exact_in_float64(length, depth, kernel_size):
+    """In float64 the fused kernels leave only rounding: every border, odd length and level count."""
+    block = randomised_block(3, 10, depth, kernel_size, per_channel_prelu=length % 2 == 0, seed=length + depth).double()
+    x = torch.randn(2, 3, length, dtype=torch.float64, generator=torch.Generator().manual_seed(length)) * 2 + 0.5
+    with torch.no_grad(), module_path():
+        expected = block(x) - x
+    assert_close(fused_inner(block, x), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+@pytest.mark.parametrize("length", [7, 1001])
+def test_fused_inner_with_large_level_means(length, depth):
+    """Convolutions that give the levels a large mean (positive weights, large biases): each
+    gLN takes it out again, as ``x * scale + shift``."""
+    block = randomised_block(4, 12, depth, 5, per_channel_prelu=True, seed=depth)
+    with torch.no_grad():
+        for conv, _ in block.down:
+            conv.weight.uniform_(0.1, 0.3)
+            conv.bias.uniform_(20.0, 40.0)
+    x = torch.randn(1, 4, length, generator=torch.Generator().manual_seed(length))
+    with torch.no_grad(), module_path():
+        expected = block.double()(x.double()) - x.double()
+    block.float()
+    assert_close(fused_inner(block, x), expected, rtol=1e-3, atol=1e-4)
+    assert_close(fused_inner(block.double(), x.double()), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_inner_without_affine_norms_or_biases():
+    torch.manual_seed(3)
+    block = UBlock(4, 12, 3, 5).eval()
+    for index, (conv, _) in enumerate(block.down):
+        block.down[index][1] = nn.GroupNorm(1, 12, eps=1e-8, affine=False)
+        conv.bias = None
+    x = torch.randn(2, 4, 301)
+    with torch.no_grad(), module_path():
+        expected = block(x) - x
+    assert_close(fused_inner(block, x), expected)
