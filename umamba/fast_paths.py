@@ -65,13 +65,14 @@ def has_hooks(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def may_stand_in(x: torch.Tensor, modules) -> bool:
+def may_stand_in(x: torch.Tensor, modules, dtypes=(torch.float32,)) -> bool:
     """Whether a fused CPU kernel may compute, from ``x``, what ``modules`` would.
 
-    True when :func:`module_path` is not in force, ``x`` is a float32 CPU tensor, no gradient is
-    needed (grad mode off, or neither ``x`` nor the modules' parameters require one), none of the
-    modules has hooks (:func:`has_hooks`), and no tracing or compilation is in progress. The caller
-    checks what its kernel supports (shapes, settings) and that numba imports.
+    True when :func:`module_path` is not in force, ``x`` is a CPU tensor of one of ``dtypes``
+    (float32 by default), no gradient is needed (grad mode off, or neither ``x`` nor the modules'
+    own parameters require one), none of the modules has hooks (:func:`has_hooks`), and no
+    tracing or compilation is in progress. The caller checks what its kernel supports (shapes,
+    settings) and that numba imports.
 
     Example
     -------
@@ -82,10 +83,11 @@ def may_stand_in(x: torch.Tensor, modules) -> bool:
     >>> may_stand_in(torch.randn(1, 4, 8), [norm])  # training: the weights need a gradient
     False
     """
-    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32:
+    if not _enabled or x.device.type != "cpu" or x.dtype not in dtypes:
         return False
-    params = [p for m in modules for p in m.parameters(recurse=False)]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+    ):
         return False
     if any(has_hooks(m) for m in modules):
         return False

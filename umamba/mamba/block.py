@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from umamba import fast_paths
 from umamba.mamba import conv_cpu
-from umamba.mamba.scan import BACKENDS, selective_scan
+from umamba.mamba.scan import BACKENDS, resolve_backend, selective_scan
 
 
 def _project(weight, x):
@@ -184,24 +185,9 @@ class Mamba(nn.Module):
         # CPU inference: the numba scan applies dt_proj itself while it loads dt (b, r, l), instead
         # of a 1x1 convolution writing a (b, e, l) tensor for it to read back. The module runs
         # as such inside fast_paths.module_path() and when it has hooks.
-        from umamba import fast_paths
-        from umamba.mamba.scan import resolve_backend
-
-        fold_dt_proj = (
-            fast_paths.enabled()
-            and not fast_paths.has_hooks(dt_proj)
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and not (
-                torch.is_grad_enabled()
-                and any(
-                    t is not None and t.requires_grad
-                    for t in (x, z, x_proj.weight, dt_proj.weight, dt_proj.bias, A_log, D)
-                )
-            )
-            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
-            and resolve_backend(self.backend, x.device) == "cpu"
-        )
+        fold_dt_proj = fast_paths.may_stand_in(
+            x, [self, x_proj, dt_proj], dtypes=(torch.float32, torch.float64)
+        ) and resolve_backend(self.backend, x.device) == "cpu"
         if not fold_dt_proj:
             dt = _project(dt_proj.weight, dt)  # (b, e, l); its bias goes to the scan
         A = -torch.exp(_at_least_fp32(A_log))  # (e, n)
