@@ -336,3 +336,17 @@ def test_fused_inner_without_affine_norms_or_biases():
     with torch.no_grad(), module_path():
         expected = block(x) - x
     assert_close(fused_inner(block, x), expected)
+
+
+def test_per_channel_values():
+    """Parameters of the right length and dtype pass without a copy; others are broadcast."""
+    weight = torch.arange(4, dtype=torch.float32)
+    values = ublock_cpu._per_channel(weight, 4, np.float32)
+    assert np.shares_memory(values, weight.numpy())
+    np.testing.assert_array_equal(ublock_cpu._per_channel(weight, 4, np.float64), [0, 1, 2, 3])
+    np.testing.assert_array_equal(ublock_cpu._per_channel(torch.tensor([0.25]), 3, np.float32), [0.25] * 3)
+    np.testing.assert_array_equal(ublock_cpu._per_channel(None, 2, np.float32, 0.0), [0, 0])
+    np.testing.assert_array_equal(ublock_cpu._per_channel(0.5, 2, np.float64), [0.5, 0.5])
+    np.testing.assert_array_equal(ublock_cpu._per_channel(torch.arange(8.0)[::2], 4, np.float32), [0, 2, 4, 6])
+    with pytest.raises(ValueError):
+        ublock_cpu._per_channel(np.ones(3), 4, np.float32)

@@ -28,7 +28,10 @@ The kernels compute, for each (batch element, channel) row, the mean and the sum
 deviations from it (``M2``), in float64: tiles of ``TILE`` frames are summed in the input's
 dtype around their own mean (two passes over a tile in L1 cache) and merged in float64 with
 Chan's parallel formula; :func:`group_norm_affine` merges the channels the same way. No sum of
-squares is ever subtracted from a squared sum, so a large mean costs no precision.
+squares is ever subtracted from a squared sum, so a large mean costs no precision. Within
+:func:`ublock_inner`, each kernel also merges the statistics of its result into the gLN's
+affine map, serially after its parallel loop, rather than in a call of its own: a call and a
+wake-up of the threads cost more than this [B, C] work.
 
 Authors
  * U-Mamba-Net contributors
@@ -112,17 +115,19 @@ def _affine_prelu(value, s, h, a):
 
 
 @_jit
-def _stats_kernel(x, stats):
+def _stats_kernel(x, stats, gamma, beta, eps, norm_scale, norm_shift, with_norm):
     batch, channels, length = x.shape
     for row in prange(batch * channels):
         b, c = row // channels, row % channels
         x_row = x[b, c]
         for t0 in range(0, length, TILE):
             _merge_tile_stats(x_row[t0:], min(TILE, length - t0), t0, stats, b, c)
+    if with_norm:  # the gLN of the result, from its statistics
+        _gn_affine(stats, length, gamma, beta, eps, norm_scale, norm_shift)
 
 
 @_jit
-def _affine_prelu_kernel(x, scale, shift, alpha, stats, with_stats):
+def _affine_prelu_kernel(x, scale, shift, alpha, stats, with_stats, gamma, beta, eps, norm_scale, norm_shift, with_norm):
     batch, channels, length = x.shape
     for row in prange(batch * channels):
         b, c = row // channels, row % channels
@@ -135,6 +140,8 @@ def _affine_prelu_kernel(x, scale, shift, alpha, stats, with_stats):
                 tile[t] = _affine_prelu(tile[t], s, h, a)
             if with_stats:
                 _merge_tile_stats(tile, m, t0, stats, b, c)
+    if with_norm:  # the gLN of the result, from its statistics
+        _gn_affine(stats, length, gamma, beta, eps, norm_scale, norm_shift)
 
 
 @_jit_inline
@@ -196,7 +203,7 @@ def _conv_row(x, scale, shift, alpha, weight, bias, stride, padding, out, stats,
 
 
 @_jit
-def _depthwise_conv_kernel(x, scale, shift, alpha, weight, bias, stride, padding, out, stats, tasks):
+def _depthwise_conv_kernel(x, scale, shift, alpha, weight, bias, stride, padding, out, stats, tasks, gamma, beta, eps, norm_scale, norm_shift, with_norm):
     batch, channels, length = x.shape
     n_phase = (length + 2 * padding + stride - 1) // stride
     rows = batch * channels
@@ -206,10 +213,12 @@ def _depthwise_conv_kernel(x, scale, shift, alpha, weight, bias, stride, padding
         for row in range(task * rows // tasks, (task + 1) * rows // tasks):
             _conv_row(x, scale, shift, alpha, weight, bias, stride, padding, out, stats,
                       row // channels, row % channels, phases, zeros)
+    if with_norm:  # the gLN of the result, from its statistics
+        _gn_affine(stats, out.shape[2], gamma, beta, eps, norm_scale, norm_shift)
 
 
 @_jit
-def _upsample_add_kernel(skip, skip_scale, skip_shift, coarse, coarse_scale, coarse_shift, stats):
+def _upsample_add_kernel(skip, skip_scale, skip_shift, coarse, coarse_scale, coarse_shift, stats, gamma, beta, eps, norm_scale, norm_shift, with_norm):
     batch, channels, length = skip.shape
     for row in prange(batch * channels):
         b, c = row // channels, row % channels
@@ -226,12 +235,16 @@ def _upsample_add_kernel(skip, skip_scale, skip_shift, coarse, coarse_scale, coa
             if m % 2:
                 tile[m - 1] = tile[m - 1] * s + h + coarse_tile[m // 2] * cs + ch
             _merge_tile_stats(tile, m, t0, stats, b, c)
+    if with_norm:  # the gLN of the result, from its statistics
+        _gn_affine(stats, length, gamma, beta, eps, norm_scale, norm_shift)
 
 
-@_jit
-def _group_norm_affine_kernel(stats, length, gamma, beta, eps, scale, shift):
+@_jit_inline
+def _gn_affine(stats, length, gamma, beta, eps, scale, shift):
+    """``scale, shift`` [B, C] of ``GroupNorm(1, C)`` from ``stats`` (see :func:`group_norm_affine`),
+    serially: a few thousand operations, less than waking the threads."""
     batch, channels = stats.shape[0], stats.shape[1]
-    for b in prange(batch):
+    for b in range(batch):
         mean = 0.0
         for c in range(channels):
             mean += stats[b, c, 0]
@@ -242,9 +255,14 @@ def _group_norm_affine_kernel(stats, length, gamma, beta, eps, scale, shift):
             m2 += stats[b, c, 1] + length * d * d
         inv_std = 1.0 / np.sqrt(m2 / (channels * length) + eps)
         for c in range(channels):
-            g = gamma[c] * inv_std
+            g = np.float64(gamma[c]) * inv_std
             scale[b, c] = g
-            shift[b, c] = beta[c] - mean * g
+            shift[b, c] = np.float64(beta[c]) - mean * g
+
+
+@_jit
+def _group_norm_affine_kernel(stats, length, gamma, beta, eps, scale, shift):
+    _gn_affine(stats, length, gamma, beta, eps, scale, shift)
 
 
 def _new_stats(batch: int, channels: int) -> np.ndarray:
@@ -252,12 +270,42 @@ def _new_stats(batch: int, channels: int) -> np.ndarray:
 
 
 def _per_channel(value, channels: int, dtype, default=1.0) -> np.ndarray:
-    """``value`` (None for ``default``, a scalar, or a tensor/array of 1 or ``channels`` values) as ``channels`` values."""
+    """``value`` (None for ``default``, a scalar, or a tensor/array of 1 or ``channels`` values) as ``channels`` values.
+
+    ``channels`` contiguous values of ``dtype`` (a parameter of the module's dtype) come back as
+    they are, without a copy: the kernels only read them.
+    """
     if value is None:
-        value = default
+        return np.full(channels, default, dtype=dtype)
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=dtype).reshape(-1), (channels,)))
+    value = np.asarray(value, dtype=dtype)
+    if value.shape == (channels,) and value.flags.c_contiguous:
+        return value
+    if value.size == 1:
+        return np.full(channels, value.reshape(-1)[0], dtype=dtype)
+    return np.array(np.broadcast_to(value.reshape(-1), (channels,)))
+
+
+_NO_NORM = {}
+
+
+def _no_norm(dtype):
+    """The arguments of a kernel's gLN tail when it computes none: ``(gamma, beta, eps, scale, shift, False)``."""
+    dtype = np.dtype(dtype)
+    if dtype not in _NO_NORM:
+        values, rows = np.empty(0, dtype), np.empty((0, 0), dtype)
+        _NO_NORM[dtype] = (values, values, 0.0, rows, rows, False)
+    return _NO_NORM[dtype]
+
+
+def _norm_args(norm, batch: int, channels: int, dtype):
+    """The arguments of a kernel's gLN tail for an ``nn.GroupNorm(1, C)`` module: ``(gamma, beta,
+    eps, scale, shift, True)``, where the kernel writes the [B, C] ``scale`` and ``shift``."""
+    return (
+        _per_channel(norm.weight, channels, dtype), _per_channel(norm.bias, channels, dtype, 0.0), float(norm.eps),
+        np.empty((batch, channels), dtype=dtype), np.empty((batch, channels), dtype=dtype), True,
+    )
 
 
 def _identity(batch: int, channels: int, dtype):
@@ -276,7 +324,7 @@ def channel_stats(x: np.ndarray) -> np.ndarray:
     """
     _use_torch_threads()
     stats = _new_stats(*x.shape[:2])
-    _stats_kernel(x, stats)
+    _stats_kernel(x, stats, *_no_norm(x.dtype))
     return stats
 
 
@@ -319,7 +367,7 @@ def affine_prelu_(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, alpha=Non
     _use_torch_threads()
     batch, channels = x.shape[:2]
     stats = _new_stats(batch, channels)
-    _affine_prelu_kernel(x, scale, shift, _per_channel(alpha, channels, x.dtype), stats, with_stats)
+    _affine_prelu_kernel(x, scale, shift, _per_channel(alpha, channels, x.dtype), stats, with_stats, *_no_norm(x.dtype))
     return stats if with_stats else None
 
 
@@ -369,6 +417,7 @@ def depthwise_conv(x, weight, bias, stride=1, padding=0, scale=None, shift=None,
     _depthwise_conv_kernel(
         x, scale, shift, _per_channel(alpha, channels, x.dtype), weight,
         _per_channel(bias, channels, x.dtype, 0.0), stride, padding, out, stats, max(1, min(threads, batch * channels)),
+        *_no_norm(x.dtype),
     )
     return out, stats
 
@@ -394,13 +443,8 @@ def upsample_add_(skip, coarse, skip_affine=None, coarse_affine=None):
     skip_affine = skip_affine or _identity(batch, channels, skip.dtype)
     coarse_affine = coarse_affine or _identity(batch, channels, skip.dtype)
     stats = _new_stats(batch, channels)
-    _upsample_add_kernel(skip, *skip_affine, coarse, *coarse_affine, stats)
+    _upsample_add_kernel(skip, *skip_affine, coarse, *coarse_affine, stats, *_no_norm(skip.dtype))
     return stats
-
-
-def _norm_affine(norm, stats, length, dtype):
-    """:func:`group_norm_affine` of an ``nn.GroupNorm(1, C)`` module."""
-    return group_norm_affine(stats, length, norm.weight, norm.bias, norm.eps, dtype)
 
 
 def ublock_inner(block, a: torch.Tensor) -> torch.Tensor:
@@ -426,31 +470,60 @@ def ublock_inner(block, a: torch.Tensor) -> torch.Tensor:
     """
     if block.upsampling != "nearest":
         raise ValueError(f"the fused path needs nearest up-sampling, got {block.upsampling!r}")
+    # The kernels are called directly, with every parameter as it is (no copy when of the input's
+    # dtype); each computes the gLN affine map of its result after its parallel loop, on the main
+    # thread, so that the [B, C] work costs no call or thread wake-up of its own.
     with torch.no_grad():
         a = a.contiguous()
         x = _array(a)
-        length, dtype = x.shape[2], x.dtype
+        batch, channels, length = x.shape
+        dtype = x.dtype
+        threads = _use_torch_threads()
+        tasks = max(1, min(threads, batch * channels))
+        ones = np.ones(channels, dtype=dtype)
         # proj_in's gLN and PReLU, applied while the first depthwise convolution reads its input.
-        affine = _norm_affine(block.proj_in[1], channel_stats(x), length, dtype)
-        alpha = _array(block.proj_in[2].weight)
+        norm = _norm_args(block.proj_in[1], batch, channels, dtype)
+        stats = _new_stats(batch, channels)
+        _stats_kernel(x, stats, *norm)
+        affine, alpha = norm[3:5], _per_channel(block.proj_in[2].weight, channels, dtype)
         levels, affines = [], []
-        for level, (conv, norm) in enumerate(block.down):
-            out = x if level == 0 and conv.stride[0] == 1 else None  # the first level overwrites a
-            bias = None if conv.bias is None else _array(conv.bias)
-            x, stats = depthwise_conv(
-                x, _array(conv.weight), bias, conv.stride[0], conv.padding[0], *affine, alpha, out
+        for conv, gln in block.down:
+            stride, padding = conv.stride[0], conv.padding[0]
+            weight = np.ascontiguousarray(_array(conv.weight).reshape(channels, -1), dtype=dtype)
+            out_length = (x.shape[2] + 2 * padding - weight.shape[1]) // stride + 1
+            # the first level overwrites a
+            out = x if not levels and out_length == x.shape[2] and stride == 1 else None
+            if out is None:
+                out = np.empty((batch, channels, out_length), dtype=dtype)
+            norm = _norm_args(gln, batch, channels, dtype)
+            stats = _new_stats(batch, channels)
+            _depthwise_conv_kernel(
+                x, *affine, alpha, weight, _per_channel(conv.bias, channels, dtype, 0.0), stride, padding, out, stats,
+                tasks, *norm,
             )
-            affine, alpha = _norm_affine(norm, stats, x.shape[2], dtype), None
+            x, affine, alpha = out, norm[3:5], ones
             levels.append(x)
             affines.append(affine)
-        # Up: each level (its gLN applied on the fly) plus the up-sampled sum of the ones below it.
+        # Up: each level (its gLN applied on the fly) plus the up-sampled sum of the ones below it;
+        # the last sum's kernel computes proj_out's gLN.
+        out_norm = _norm_args(block.proj_out[0], batch, channels, dtype)
         coarse, coarse_affine = levels.pop(), affines.pop()
+        identity = _identity(batch, channels, dtype) if levels else None
         while levels:
             skip = levels.pop()
-            stats = upsample_add_(skip, coarse, affines.pop(), coarse_affine)
+            if coarse.shape[2] != (skip.shape[2] + 1) // 2:
+                raise ValueError(f"level of {coarse.shape[2]} frames below one of {skip.shape[2]}")
+            stats = _new_stats(batch, channels)
+            _upsample_add_kernel(
+                skip, *affines.pop(), coarse, *(coarse_affine or identity), stats,
+                *(out_norm if not levels else _no_norm(dtype)),
+            )
             coarse, coarse_affine = skip, None
         if coarse_affine is not None:  # depth 1: the level's gLN is still to be applied
-            stats = affine_prelu_(coarse, *coarse_affine, None, with_stats=True)
+            _affine_prelu_kernel(coarse, *coarse_affine, ones, stats, True, *out_norm)
         # proj_out's gLN and PReLU, in place.
-        affine_prelu_(coarse, *_norm_affine(block.proj_out[0], stats, length, dtype), _array(block.proj_out[1].weight))
+        _affine_prelu_kernel(
+            coarse, *out_norm[3:5], _per_channel(block.proj_out[1].weight, channels, dtype), stats, False,
+            *_no_norm(dtype),
+        )
         return torch.from_numpy(coarse)
