@@ -249,17 +249,28 @@ def test_growing_state_with_softplus():
     assert rel_error(out, ref_out) < 1e-5
     for name in grads:
         assert rel_error(grads[name], ref_grads[name]) < 1e-5, name
-    # A < 0: the kernel's two recurrences give the same bits
-    x = {k: v.float().numpy() for k, v in make_inputs(2, 20, 16, 150).items()}
-    outs = []
-    for negative in (True, False):
-        out = np.empty_like(x["u"])
-        no_proj = np.zeros((20, 1), np.float32)
-        no_states = np.empty((2, 2, 0, 16, LANES), np.float32)
-        scan_cpu._forward_kernel(x["u"], x["delta"], no_proj, False, x["A"], x["B"], x["C"], x["D"], x["z"],
-                                 x["delta_bias"], True, True, negative, out, no_states)
-        outs.append(out)
-    assert np.array_equal(outs[0], outs[1])
+    # The kernel's two recurrences give the same bits where the unchecked one may run: each
+    # channel block whose A are all negative and finite. A < 0 everywhere; then one channel of
+    # the second block with A = 100, so large that its decay overflows (inf, where the unchecked
+    # decay would give garbage) and A = -inf in one of the first (a NaN decay where delta' = 0).
+    for big in (False, True):
+        x = {k: v.float().numpy() for k, v in make_inputs(2, 20, 16, 150).items()}
+        if big:
+            x["A"][LANES + 1, 2] = 100.0
+            x["delta"][:, LANES + 1, 40:] = 30.0
+            x["A"][3, 1] = -np.inf
+            x["delta"][:, 3, 50] = -200.0  # delta' = 0
+        outs = []
+        for unchecked in (True, False):
+            out = np.empty_like(x["u"])
+            no_proj = np.zeros((20, 1), np.float32)
+            no_states = np.empty((2, 2, 0, 16, LANES), np.float32)
+            scan_cpu._forward_kernel(x["u"], x["delta"], no_proj, False, x["A"], x["B"], x["C"], x["D"], x["z"],
+                                     x["delta_bias"], True, True, unchecked, out, no_states)
+            outs.append(out)
+        assert np.array_equal(outs[0], outs[1], equal_nan=True)
+        if big:
+            assert np.isinf(outs[0][:, LANES + 1, 41:]).any() and np.isnan(outs[0][:, 3]).any()
 
 
 def test_long_input_crosses_forward_segments():

@@ -41,7 +41,7 @@ Design
   argument below -126 counts as -126 (one ``max``, where a result of exactly 0 would need a
   compare and a select): the decay is then 2**-126 instead of 0, 1e-38 of the state it
   multiplies, below float32's rounding of the sum. When softplus is on and every ``A`` is
-  negative and finite (checked at every call; the usual Mamba case), ``delta' * A'`` is <= 0,
+  negative and finite (the kernel checks each channel block's ``A``; the usual Mamba case), ``delta' * A'`` is <= 0,
   and NaN only where delta' is NaN, which makes the state NaN anyway through ``delta' * u``: the
   decay then skips its checks for overflow and NaN, four instructions in a loop of about twenty.
 - Bounded memory for the backward pass (checkpointing): the forward stores the state at the
@@ -484,14 +484,15 @@ def _scan_steps(B, C, b, l0, steps, cols, state, negative):
 
 
 @_jit
-def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_z, negative, out, states):
+def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_z, unchecked, out, states):
     """Writes the scan into ``out``, and each chunk's initial state into ``states`` unless its chunk axis is empty.
 
     Shapes: u, z, out (batch, dim, L); delta (batch, dim, L), or (batch, r, L) with ``project``,
     which projects it by ``proj`` (dim, r >= 1; unread otherwise); A (dim, N); B, C (batch, N, L);
     D, bias (dim,); states (batch, n_blocks, n_chunks or 0, N, LANES) with
-    n_blocks = ceil(dim / LANES). Lanes past the last channel compute zeros. ``negative``: softplus
-    is on and every ``A * log2(e)`` is negative and finite (see :func:`_scan_steps`).
+    n_blocks = ceil(dim / LANES). Lanes past the last channel compute zeros. ``unchecked``: a
+    channel block whose ``A * log2(e)`` are all negative and finite, with softplus on, may use the
+    decay without checks (see :func:`_scan_steps`); False forces the checked decay everywhere.
     """
     batch, dim, length = u.shape
     d_state = A.shape[1]
@@ -506,9 +507,13 @@ def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_
         rows = np.zeros((_N_F_ROWS, LANES, span), dtype=u.dtype)
         cols = np.zeros((CHUNK, _N_F_COLS, LANES), dtype=u.dtype)
         state = _new_state(A, d0)
+        negative = unchecked and softplus
         for n in range(d_state):
             for v in range(LANES):
-                state[n, _A, v] *= log2e
+                a = state[n, _A, v] * log2e
+                state[n, _A, v] = a
+                if v < dim - d0 and not (a < 0 and a > -np.inf):  # also False for NaN
+                    negative = False
         for s in range((length + span - 1) // span):
             l_seg = max(s, 0) * span  # max(): LLVM then knows the indices below are >= 0 (no wraparound)
             seg_steps = min(span, length - l_seg)
@@ -678,7 +683,26 @@ def _backward_kernel(u, delta, A, B, C, D, z, bias, softplus, has_z, states, dou
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
     """A C-contiguous numpy view of a CPU tensor (a copy only when it is not contiguous)."""
-    return tensor.detach().contiguous().numpy()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor.numpy()
+
+
+_ZEROS = {}
+"""(shape, numpy dtype) -> zeros that stand in for an absent D, bias or delta_proj; never written."""
+
+
+def _zeros(shape: tuple, dtype: torch.dtype) -> np.ndarray:
+    """Zeros of ``shape`` in ``dtype`` for an absent argument, made once and then reused."""
+    key = (shape, dtype)
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        if len(_ZEROS) >= 64:  # many distinct shapes: start over rather than grow without bound
+            _ZEROS.clear()
+        zeros = _ZEROS[key] = np.zeros(shape, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    return zeros
 
 
 def _use_torch_threads() -> int:
@@ -693,22 +717,23 @@ def _use_torch_threads() -> int:
 
 def _forward(u, delta, delta_proj, A, B, C, D, z, delta_bias, delta_softplus, save_states):
     """Runs :func:`_forward_kernel`; arguments checked and in one dtype. Returns the output and
-    the chunk states, (batch, n_blocks, ceil(L / CHUNK), d_state, LANES), empty unless ``save_states``."""
+    the chunk states, (batch, n_blocks, ceil(L / CHUNK), d_state, LANES), or None unless ``save_states``."""
     batch, dim, length = u.shape
     d_state = A.shape[1]
-    zeros = torch.zeros(dim, dtype=u.dtype)
     n_blocks = -(-dim // LANES)
-    n_saved = -(-length // CHUNK) if save_states else 0
-    states = u.new_empty(batch, n_blocks, n_saved, d_state, LANES)
+    if save_states:
+        states = u.new_empty(batch, n_blocks, -(-length // CHUNK), d_state, LANES)
+        states_array = states.numpy()
+    else:
+        states, states_array = None, _zeros((batch, n_blocks, 0, d_state, LANES), u.dtype)
     out = u.new_empty(u.shape)
     project = delta_proj is not None
     _use_torch_threads()
     _forward_kernel(
-        _array(u), _array(delta), _array(delta_proj if project else zeros[:, None]), project,
-        _array(A), _array(B), _array(C), _array(zeros if D is None else D), _array(u if z is None else z),
-        _array(zeros if delta_bias is None else delta_bias), bool(delta_softplus), z is not None,
-        bool(delta_softplus) and bool(((A < 0) & torch.isfinite(A * math.log2(math.e))).all()),
-        out.numpy(), states.numpy(),
+        _array(u), _array(delta), _array(delta_proj) if project else _zeros((dim, 1), u.dtype), project,
+        _array(A), _array(B), _array(C), _zeros((dim,), u.dtype) if D is None else _array(D),
+        _array(u if z is None else z), _zeros((dim,), u.dtype) if delta_bias is None else _array(delta_bias),
+        bool(delta_softplus), z is not None, True, out.numpy(), states_array,
     )
     return out, states
 
@@ -752,16 +777,18 @@ class _SelectiveScan(torch.autograd.Function):
         )
 
 
+_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_proj")
+
+
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj=None):
-    """Raises a ValueError naming the argument whose device, dtype or shape does not fit."""
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias,
-             "delta_proj": delta_proj}
-    for name, tensor in named.items():
+    """Raises a ValueError naming the argument whose device, dtype or shape does not fit (a
+    TypeError for an argument that is not a tensor)."""
+    for name, tensor in zip(_NAMES, (u, delta, A, B, C, D, z, delta_bias, delta_proj)):
         if tensor is None:
             continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"selective_scan_cpu: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.device.type != "cpu":
+        if not tensor.is_cpu:
             raise ValueError(f"selective_scan_cpu: {name} is on {tensor.device}; this backend needs CPU tensors")
         if not tensor.is_floating_point():
             raise ValueError(f"selective_scan_cpu: {name} must be real floating point, got {tensor.dtype}")
@@ -777,13 +804,12 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj=None):
             f"got shape {tuple(delta_proj.shape)}"
         )
     rank = dim if delta_proj is None else delta_proj.shape[1]
-    expected = {
-        "delta": (batch, rank, length), "B": (batch, d_state, length), "C": (batch, d_state, length),
-        "D": (dim,), "z": (batch, dim, length), "delta_bias": (dim,),
-    }
-    for name, shape in expected.items():
-        tensor = named[name]
-        if tensor is not None and tuple(tensor.shape) != shape:
+    for name, tensor, shape in (
+        ("delta", delta, (batch, rank, length)), ("B", B, (batch, d_state, length)),
+        ("C", C, (batch, d_state, length)), ("D", D, (dim,)), ("z", z, (batch, dim, length)),
+        ("delta_bias", delta_bias, (dim,)),
+    ):
+        if tensor is not None and tensor.shape != shape:
             raise ValueError(f"selective_scan_cpu: {name} must have shape {shape}, got {tuple(tensor.shape)}")
 
 
@@ -864,7 +890,9 @@ def selective_scan_cpu(
         raise RuntimeError("selective_scan_cpu needs numba; install it or use the 'torch' scan backend")
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_proj)
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    tensors = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj)]
+    tensors = [
+        t if t is None or t.dtype == dtype else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj)
+    ]
     # Checkpoints only when autograd will call the backward (forward() itself runs without grad).
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, proj_c = tensors  # in the compute dtype
@@ -877,4 +905,4 @@ def selective_scan_cpu(
             "delta first (delta_proj @ delta) and pass it without delta_proj, or run under torch.no_grad()"
         )
     out, _ = _forward(u_c, delta_c, proj_c, A_c, B_c, C_c, D_c, z_c, bias_c, delta_softplus, False)
-    return out.to(u.dtype)
+    return out if u.dtype == dtype else out.to(u.dtype)
