@@ -64,6 +64,11 @@ __all__ = [
 TILE = 2048
 """Frames per tile: the unit of the convolution and of the statistics (8 KiB of float32, in L1 cache)."""
 
+PHASE_MARGIN = 4
+"""Zero columns past the padded input in the convolution's phase buffer: room for the taps past
+the last of a group of five, which read it with weight zero."""
+
+
 def is_enabled() -> bool:
     """True when numba imports and :func:`umamba.fast_paths.module_path` is not in force:
     ``UBlock`` may use this path.
@@ -154,9 +159,15 @@ def _tap(weight, phases, zeros, c, j, t0, stride):
 
 
 @_jit_inline
+def _weight(weight, c, j):
+    """Tap ``j`` of channel ``c``; zero past the last."""
+    return weight[c, j] if j < weight.shape[1] else weight.dtype.type(0)
+
+
+@_jit_inline
 def _conv_row(x, scale, shift, alpha, weight, bias, stride, padding, out, stats, b, c, phases, zeros):
-    """Row ``[b, c]`` of :func:`_depthwise_conv_kernel`, with its buffers: ``phases`` (stride, n_phase)
-    and ``zeros`` (TILE)."""
+    """Row ``[b, c]`` of :func:`_depthwise_conv_kernel`, with its buffers: ``phases`` (stride, n_phase),
+    ``PHASE_MARGIN`` columns longer than the padded row, and ``zeros`` (TILE)."""
     length, out_length, n_phase = x.shape[2], out.shape[2], phases.shape[1]
     s, h, a, bias_c = scale[b, c], shift[b, c], alpha[c], bias[c]
     x_row, out_row = x[b, c], out[b, c]
@@ -186,8 +197,31 @@ def _conv_row(x, scale, shift, alpha, weight, bias, stride, padding, out, stats,
     for t0 in range(0, out_length, TILE):
         m = min(TILE, out_length - t0)
         tile = out_row[t0:]
-        # Five taps per pass over the tile (kernel size 5 in one), accumulated in registers.
+        # Five taps per pass over the tile (kernel size 5 in one), accumulated in registers. At
+        # strides 1 and 2 they read one or two phase runs at constant offsets (taps past the last
+        # have weight zero and read the zeros of the margin); otherwise a run per tap.
         for j in range(0, weight.shape[1], 5):
+            if stride <= 2:
+                w0, w1, w2 = _weight(weight, c, j), _weight(weight, c, j + 1), _weight(weight, c, j + 2)
+                w3, w4 = _weight(weight, c, j + 3), _weight(weight, c, j + 4)
+                if stride == 1:
+                    r = phases[0, t0 + j:]
+                    if j == 0:
+                        for t in range(m):
+                            tile[t] = bias_c + w0 * r[t] + w1 * r[t + 1] + w2 * r[t + 2] + w3 * r[t + 3] + w4 * r[t + 4]
+                    else:
+                        for t in range(m):
+                            tile[t] += w0 * r[t] + w1 * r[t + 1] + w2 * r[t + 2] + w3 * r[t + 3] + w4 * r[t + 4]
+                else:  # tap j + k reads padded[2 (t0 + t) + j + k] = phases[(j + k) % 2, t0 + t + (j + k) // 2]
+                    p = phases[j % 2, t0 + j // 2:]
+                    q = phases[1 - j % 2, t0 + j // 2 + j % 2:]
+                    if j == 0:
+                        for t in range(m):
+                            tile[t] = bias_c + w0 * p[t] + w1 * q[t] + w2 * p[t + 1] + w3 * q[t + 1] + w4 * p[t + 2]
+                    else:
+                        for t in range(m):
+                            tile[t] += w0 * p[t] + w1 * q[t] + w2 * p[t + 1] + w3 * q[t + 1] + w4 * p[t + 2]
+                continue
             w0, r0 = _tap(weight, phases, zeros, c, j, t0, stride)
             w1, r1 = _tap(weight, phases, zeros, c, j + 1, t0, stride)
             w2, r2 = _tap(weight, phases, zeros, c, j + 2, t0, stride)
@@ -205,7 +239,7 @@ def _conv_row(x, scale, shift, alpha, weight, bias, stride, padding, out, stats,
 @_jit
 def _depthwise_conv_kernel(x, scale, shift, alpha, weight, bias, stride, padding, out, stats, tasks, gamma, beta, eps, norm_scale, norm_shift, with_norm):
     batch, channels, length = x.shape
-    n_phase = (length + 2 * padding + stride - 1) // stride
+    n_phase = (length + 2 * padding + stride - 1) // stride + PHASE_MARGIN
     rows = batch * channels
     for task in prange(tasks):  # one task per thread, which allocates its buffers once
         phases = np.empty((stride, n_phase), dtype=x.dtype)
