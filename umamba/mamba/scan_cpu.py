@@ -191,18 +191,6 @@ if numba is not None:
 
         return exp_f32
 
-    @overload(_exp, jit_options=_HELPER_OPTIONS)
-    def _exp_overload(x):
-        if x != types.float32:
-            return lambda x: math.exp(x)
-        return _exp_f32(True)
-
-    @overload(_exp_nonpositive, jit_options=_HELPER_OPTIONS)
-    def _exp_nonpositive_overload(x):
-        if x != types.float32:
-            return lambda x: math.exp(x)
-        return _exp_f32(False)
-
     def _decay_f32(checked):
         """The float32 ``2 ** x``. Arguments below -126 count as -126: 2**-126 (1e-38) instead of 0,
         lost in the rounding of the state it multiplies, with one ``max`` instead of a compare and
@@ -224,22 +212,8 @@ if numba is not None:
 
         return decay_f32
 
-    @overload(_decay, jit_options=_HELPER_OPTIONS)
-    def _decay_overload(x):
-        if x != types.float32:
-            return lambda x: math.exp2(x)
-        return _decay_f32(True)
-
-    @overload(_decay_negative, jit_options=_HELPER_OPTIONS)
-    def _decay_negative_overload(x):
-        if x != types.float32:
-            return lambda x: math.exp2(x)
-        return _decay_f32(False)
-
-    @overload(_log1p_unit, jit_options=_HELPER_OPTIONS)
-    def _log1p_unit_overload(x):
-        if x != types.float32:
-            return lambda x: math.log1p(x)
+    def _log1p_unit_f32():
+        """The float32 ``log1p`` on [0, 1]."""
         q0, q1, q2, q3, q4, q5, q6, q7, q8 = _LOG1P_P
 
         def log1p_unit_f32(x):
@@ -247,6 +221,20 @@ if numba is not None:
             return (p * x + _F32(1.0)) * x
 
         return log1p_unit_f32
+
+    def _overload_float32(function, libm, float32_impl):
+        """Compiles the kernels' calls of ``function``: ``float32_impl`` for a float32 argument,
+        ``libm`` (the C library's function, exact to float64) otherwise."""
+
+        @overload(function, jit_options=_HELPER_OPTIONS)
+        def _choose(x):
+            return float32_impl if x == types.float32 else (lambda x: libm(x))
+
+    _overload_float32(_exp, math.exp, _exp_f32(True))
+    _overload_float32(_exp_nonpositive, math.exp, _exp_f32(False))
+    _overload_float32(_decay, math.exp2, _decay_f32(True))
+    _overload_float32(_decay_negative, math.exp2, _decay_f32(False))
+    _overload_float32(_log1p_unit, math.log1p, _log1p_unit_f32())
 
     @intrinsic
     def _transpose_tile(typingctx, src, src_at, src_stride, dst, dst_at, dst_stride):
