@@ -1,13 +1,15 @@
 """CPU speed of U-Mamba-Net: inference real-time factor against DPRNN, and where the time goes.
 
-    python benchmarks/bench_cpu_speed.py [--seconds 10] [--train-seconds 4] [--threads 2] [--repeats 3]
+    python benchmarks/bench_cpu_speed.py [--seconds 10] [--train-seconds 4] [--threads 2] [--repeats 5]
 
 Prints, for the default ``hparams/umamba.yaml`` model (random weights, batch 1, 8 kHz):
 
 1. inference on ``--seconds`` of audio: wall time and real-time factor (RTF) for U-Mamba-Net with each
    scan backend available here, with the fused CPU kernels switched off (``umamba.fast_paths.module_path``),
    and for the bundled DPRNN configuration (``hparams/dprnn.yaml``), measured in the same process,
-   with the ratio (goals: RTF <= 0.05, >= 10x faster than DPRNN);
+   with the ratio (goals: RTF <= 0.05, >= 10x faster than DPRNN). U-Mamba-Net and DPRNN run in
+   ``--repeats`` interleaved rounds (one inference each per round), so that both meet the same load
+   from other processes; the ratio of each round is printed too;
 2. the inference time per part (encoder, U-blocks, Mamba layers, mask head + decoder), from
    forward hooks;
 3. one training step (forward + backward + Adam) on a ``--train-seconds`` segment, with the share of
@@ -43,6 +45,19 @@ def inference_time(separator, mix, repeats):
     with torch.no_grad():
         separator(mix[:, : mix.shape[1] // 10])  # warm-up: numba compilation, allocator
         return best_time(lambda: separator(mix), repeats)
+
+
+def interleaved_times(separators, mix, rounds):
+    """Inference seconds of each separator in each of ``rounds`` rounds that run them one after the
+    other, so that every model meets the same spells of load from other processes: {name: [s, ...]}."""
+    times = {name: [] for name in separators}
+    with torch.no_grad():
+        for separator in separators.values():
+            separator(mix[:, : mix.shape[1] // 10])  # warm-up: numba compilation, allocator
+        for _ in range(rounds):
+            for name, separator in separators.items():
+                times[name].append(best_time(lambda: separator(mix)))
+    return times
 
 
 def time_by_part(separator, mix):
@@ -152,7 +167,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--train-seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (by default the benchmark, like umamba-separate, "
                              "calls umamba.allocator.keep_freed_memory)")
@@ -166,19 +181,27 @@ def main():
           f"malloc {'keeps freed memory' if kept else 'as default'} (both models)")
 
     backends = (["cpu"] if cpu_kernel_available() else []) + ["torch"]
-    times = {}
-    for backend in backends:
+    fastest_name, dprnn_name = f"U-Mamba-Net ({backends[0]} scan)", "DPRNN (hparams/dprnn.yaml)"
+    # The headline pair, U-Mamba-Net and DPRNN, in interleaved rounds (same load for both).
+    pair = {
+        fastest_name: load_separator("hparams/umamba.yaml", {"scan_backend": backends[0]})[0],
+        dprnn_name: load_separator("hparams/dprnn.yaml")[0],
+    }
+    rounds = interleaved_times(pair, mix, args.repeats)
+    times = {fastest_name: min(rounds[fastest_name])}
+    with module_path():
+        times["  same, fused kernels off"] = inference_time(pair[fastest_name], mix, args.repeats)
+    for backend in backends[1:]:
         separator, _ = load_separator("hparams/umamba.yaml", {"scan_backend": backend})
         times[f"U-Mamba-Net ({backend} scan)"] = inference_time(separator, mix, args.repeats)
-        if backend == backends[0]:
-            with module_path():
-                times["  same, fused kernels off"] = inference_time(separator, mix, args.repeats)
-    dprnn, _ = load_separator("hparams/dprnn.yaml")
-    times["DPRNN (hparams/dprnn.yaml)"] = inference_time(dprnn, mix, args.repeats)
-    fastest = times[f"U-Mamba-Net ({backends[0]} scan)"]
+    times[dprnn_name] = min(rounds[dprnn_name])
+    fastest = times[fastest_name]
     print(f"\n1. Inference\n{'model':<34} {'time s':>8} {'RTF':>7} {'x U-Mamba':>10}")
     for name, seconds in times.items():
         print(f"{name:<34} {seconds:>8.3f} {seconds / args.seconds:>7.3f} {seconds / fastest:>10.1f}")
+    ratios = sorted(d / u for u, d in zip(rounds[fastest_name], rounds[dprnn_name]))
+    print(f"DPRNN / U-Mamba-Net in each of {len(ratios)} interleaved rounds: "
+          + " ".join(f"{r:.1f}" for r in ratios) + f" (median {ratios[len(ratios) // 2]:.1f})")
 
     separator, _ = load_separator("hparams/umamba.yaml", {"scan_backend": backends[0]})
     total, spent = time_by_part(separator, mix)

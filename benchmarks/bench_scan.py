@@ -13,9 +13,9 @@ Prints, for float32 inputs of shape (batch, dim, length) with ``delta_softplus``
 2. a roofline of the numba forward pass: the bytes it must move (read u, delta, z, B, C and write
    y, once each), the work per (batch, channel, step, state) element (one exp, two multiplies,
    two fused multiply-adds), this machine's achievable memory bandwidth (a parallel copy), exp
-   throughput (the kernel's own vectorised exp over a cache-resident array; libm's exp for
-   reference) and multiply-add throughput, the floor time max(bytes / bandwidth, exp time + FMA
-   time) and measured / floor.
+   throughput (the forward recurrence's own vectorised exp, ``2 ** x`` with A pre-scaled by
+   log2(e), over a cache-resident array; libm's exp for reference) and multiply-add throughput,
+   the floor time max(bytes / bandwidth, exp time + FMA time) and measured / floor.
 
 Best of ``--repeats`` runs; figures only, no pass/fail (these machines are shared and noisy).
 """
@@ -109,7 +109,7 @@ def _exp_fast(x, out, reps):
     for i in prange(x.shape[0]):
         for _ in range(reps):
             for j in range(x.shape[1]):
-                out[i, j] = scan_cpu._exp(x[i, j])
+                out[i, j] = scan_cpu._decay_negative(x[i, j])  # the forward recurrence's exp (2 ** x)
 
 
 @numba.njit(parallel=True, error_model="numpy")
