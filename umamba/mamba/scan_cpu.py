@@ -274,15 +274,19 @@ if numba is not None:
 
         return types.none(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
 
-    def _jit(function):
-        """A parallel kernel, cached on disk (next to this file, or in the user's cache directory
-        when the package is read-only); compiled on every run where neither is writable."""
+    def _jit(function, parallel=True):
+        """A kernel (parallel unless told), cached on disk (next to this file, or in the user's cache
+        directory when the package is read-only); compiled on every run where neither is writable."""
         try:
-            return numba.njit(parallel=True, cache=True, **_KERNEL_OPTIONS)(function)
+            return numba.njit(parallel=parallel, cache=True, **_KERNEL_OPTIONS)(function)
         except RuntimeError as error:
             if "no locator available" not in str(error):
                 raise
-            return numba.njit(parallel=True, **_KERNEL_OPTIONS)(function)
+            return numba.njit(parallel=parallel, **_KERNEL_OPTIONS)(function)
+
+    def _jit_serial(function):
+        """:func:`_jit` for a kernel with no parallel loop (numba warns about ``parallel=True`` there)."""
+        return _jit(function, parallel=False)
 
     def _jit_inline(function):
         """A helper that numba inlines into the kernels."""
@@ -290,10 +294,10 @@ if numba is not None:
 
 else:
 
-    def _jit(function):
+    def _jit(function, parallel=True):
         return function
 
-    _jit_inline = _jit
+    _jit_inline = _jit_serial = _jit
 
 
 # Slots of the per-task scratch arrays. Numba does not tell LLVM that two local arrays never

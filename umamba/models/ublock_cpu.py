@@ -45,6 +45,7 @@ from umamba.mamba.scan_cpu import (
     _array,
     _jit,
     _jit_inline,
+    _jit_serial,
     _use_torch_threads,
     numba,
     prange,
@@ -294,7 +295,7 @@ def _gn_affine(stats, length, gamma, beta, eps, scale, shift):
             shift[b, c] = np.float64(beta[c]) - mean * g
 
 
-@_jit
+@_jit_serial
 def _group_norm_affine_kernel(stats, length, gamma, beta, eps, scale, shift):
     _gn_affine(stats, length, gamma, beta, eps, scale, shift)
 
