@@ -3,10 +3,12 @@
 In CPU float32 inference, numba kernels stand in for some PyTorch modules: everything between
 the two 1x1 convolutions of a ``UBlock`` (:mod:`umamba.models.ublock_cpu`), the LayerNorm of a
 ``MambaLayer`` (:mod:`umamba.models.layer_norm_cpu`), the Mamba block's causal convolution + SiLU
-(:mod:`umamba.mamba.conv_cpu`), and the masknet's input gLN is folded into the 1x1 convolution
-after it. The results are the same up to float32 rounding. Whoever needs those modules called (forward hooks that count MACs, as
-:func:`umamba.complexity.count_macs`; a profiler; a comparison of both paths) runs the model
-inside :func:`module_path`. A module with a forward hook is always called as a module.
+(:mod:`umamba.mamba.conv_cpu`) and its ``dt_proj`` (applied by the scan as it loads the step
+sizes); and the masknet's input gLN is folded into the 1x1 convolution after it. The results
+are the same up to float32 rounding. Whoever needs those modules called (forward hooks that
+count MACs, as :func:`umamba.complexity.count_macs`; a profiler; a comparison of both paths)
+runs the model inside :func:`module_path`. A module with a forward hook is always called as a
+module.
 
 Authors
  * U-Mamba-Net contributors
