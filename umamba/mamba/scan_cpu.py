@@ -507,7 +507,9 @@ def _forward_kernel(u, delta, proj, project, A, B, C, D, z, bias, softplus, has_
                 if v < dim - d0 and not (a < 0 and a > -np.inf):  # also False for NaN
                     negative = False
         for s in range((length + span - 1) // span):
-            l_seg = max(s, 0) * span  # max(): LLVM then knows the indices below are >= 0 (no wraparound)
+            # A select, not max(): numba compiles max() as an opaque call, so LLVM would not learn
+            # that the indices below are >= 0 and would keep the wrap-around checks (gathers).
+            l_seg = (s if s > 0 else 0) * span
             seg_steps = min(span, length - l_seg)
             _load_steps(u, delta, proj, project, bias, softplus, b, d0, l_seg, rows)
             for k in range((seg_steps + CHUNK - 1) // CHUNK):
